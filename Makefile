@@ -1,0 +1,38 @@
+# One entry point for people and CI. `make test` is what .ci/run calls.
+VENV ?= .venv
+PYTHON ?= python3
+
+.PHONY: test test-rust test-e2e venv demo-mock demo bench
+
+## Run every test: the Rust unit and integration tests, then the SDK end-to-end tests.
+test: test-rust test-e2e
+
+test-rust:
+	@if cargo nextest --version >/dev/null 2>&1; then \
+		cargo nextest run --workspace --no-fail-fast; \
+	else \
+		cargo test --workspace --no-fail-fast; \
+	fi
+
+## The official openai SDK, in a virtualenv of its own, against the built binaries.
+test-e2e: venv
+	cargo build --workspace --bins
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/e2e
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: tests/e2e/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+	touch $@
+
+## The mock OpenAI upstream on 127.0.0.1:9090 (for the demo; no OpenAI key needed).
+demo-mock:
+	cargo run --release -p mock-openai -- --listen 127.0.0.1:9090
+
+## sluice in front of the mock started by `make demo-mock`.
+demo:
+	cargo run --release -- --upstream http://127.0.0.1:9090
+
+## Load benchmark against nginx (by hand, not in CI).
+bench:
+	$(PYTHON) bench/load.py

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Load benchmark for sluice's forwarding path (run by hand, not in CI).
+
+Starts the mock upstream (with limits far above the load), sluice in front of it, and nginx
+in front of the same mock as the pure-proxy reference, then drives each with wrk: ~1 KB chat
+completion requests at 50 connections (throughput) and at 1 connection (added latency).
+Everything targets 127.0.0.1, and every run is bounded by --duration.
+
+    python3 bench/load.py [--duration 10] [--skip-build] [--sluice-arg=--config=FILE ...]
+
+Needs wrk and nginx (installed with apt-get when missing, as root).
+"""
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE = ROOT / "target" / "release"
+LISTENING = re.compile(r"listening on http://([0-9.]+:\d+)")
+
+
+def ensure_tools():
+    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx-light")) if not shutil.which(tool)]
+    if missing:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+
+
+def start(args, stream, log_path, env=None):
+    """Starts a server that prints 'listening on http://ADDR'; returns (process, addr)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE if stream == "stdout" else log,
+        stderr=subprocess.PIPE if stream == "stderr" else log,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    pipe = proc.stdout if stream == "stdout" else proc.stderr
+    found = {}
+    ready = threading.Event()
+
+    def pump():
+        for line in pipe:
+            log.write(line)
+            match = LISTENING.search(line)
+            if match and "addr" not in found:
+                found["addr"] = match.group(1)
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(20):
+        proc.kill()
+        sys.exit(f"{args[0]} did not start; see {log_path}")
+    return proc, found["addr"]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_nginx(upstream, workdir):
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes auto;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {workdir}/nginx-access.log;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    upstream mock {{ server {upstream}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    sys.exit("nginx did not start")
+
+
+UNITS = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+
+
+def wrk(addr, connections, duration):
+    threads = min(2, connections)
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
+         "-s", str(ROOT / "bench" / "chat.lua"), f"http://{addr}"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for pct in ("50", "99"):
+        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()
+        lat[pct] = float(value) * UNITS[unit]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    if non2xx or errors:
+        print(f"  warning for {addr}: {non2xx.group(0) if non2xx else ''} {errors.group(0) if errors else ''}")
+    return rps, lat
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--sluice-arg", action="append", default=[], help="extra argument for sluice")
+    args = parser.parse_args()
+
+    ensure_tools()
+    if not args.skip_build:
+        subprocess.run(["cargo", "build", "--release", "--workspace", "--bins"], cwd=ROOT, check=True)
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    procs = []
+    try:
+        mock, mock_addr = start(
+            [RELEASE / "mock-openai", "--listen", "127.0.0.1:0", "--rpm", "1000000000", "--tpm", "1000000000000"],
+            "stdout", workdir / "mock.log",
+        )
+        procs.append(mock)
+        sluice, sluice_addr = start(
+            [RELEASE / "sluice", "--listen", "127.0.0.1:0", "--upstream", f"http://{mock_addr}", *args.sluice_arg],
+            "stderr", workdir / "sluice.log", env={"SLUICE_CONFIG": ""},
+        )
+        procs.append(sluice)
+        nginx, nginx_addr = start_nginx(mock_addr, workdir)
+        procs.append(nginx)
+
+        targets = {"mock (direct)": mock_addr, "nginx": nginx_addr, "sluice": sluice_addr}
+        for addr in targets.values():  # warm connection pools
+            wrk(addr, 50, 2)
+        results = {}
+        for name, addr in targets.items():
+            results[name] = {"c50": wrk(addr, 50, args.duration), "c1": wrk(addr, 1, args.duration)}
+
+        direct = results["mock (direct)"]
+        print(f"\n~1 KB chat completions, {args.duration}s per run, {os.cpu_count()} cores, logs: {workdir}\n")
+        print("| target | req/s @50 | p50 @50 | p99 @50 | req/s @1 | p50 @1 | p99 @1 | added p50 @1 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in results.items():
+            (rps50, lat50), (rps1, lat1) = r["c50"], r["c1"]
+            added = lat1["50"] - direct["c1"][1]["50"]
+            print(f"| {name} | {rps50:,.0f} | {lat50['50']:.0f} us | {lat50['99']:.0f} us | "
+                  f"{rps1:,.0f} | {lat1['50']:.0f} us | {lat1['99']:.0f} us | "
+                  f"{'-' if name.startswith('mock') else f'{added:.0f} us'} |")
+        ratio = results["sluice"]["c50"][0] / results["nginx"]["c50"][0]
+        added = results["sluice"]["c1"][1]["50"] - direct["c1"][1]["50"]
+        print(f"\nsluice / nginx throughput at 50 connections: {ratio:.2f}x (target >= 0.8x)")
+        print(f"sluice added p50 latency at 1 connection: {added / 1000:.3f} ms (target <= 0.2 ms)")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+//! The last phase of every exchange: one access-log line and the request metrics, written
+//! when the response body has ended (or at once, for a response sluice produced itself).
+//!
+//! Only the method, the path without its query, the endpoint and figures are logged: never a
+//! header, so never a key.
+
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use tokio::time::Instant;
+
+use crate::endpoint::Endpoint;
+use crate::metrics::Metrics;
+use crate::upstream::body::{BodyEnd, BodyOutcome};
+
+/// What is known of an exchange while it runs; consumed by [`AccessRecord::finish`].
+pub struct AccessRecord {
+    metrics: Arc<Metrics>,
+    method: Method,
+    path: String,
+    endpoint: Option<Endpoint>,
+    started: Instant,
+    upstream: Option<UpstreamTiming>,
+    /// Whether `finish` ran: the in-flight gauge is decremented exactly once either way.
+    finished: bool,
+}
+
+struct UpstreamTiming {
+    sent: Instant,
+    headers_after: std::time::Duration,
+}
+
+impl AccessRecord {
+    pub fn start(
+        metrics: Arc<Metrics>,
+        method: Method,
+        path: &str,
+        endpoint: Option<Endpoint>,
+    ) -> Self {
+        metrics.in_flight.inc();
+        Self {
+            metrics,
+            method,
+            path: path.to_owned(),
+            endpoint,
+            started: Instant::now(),
+            upstream: None,
+            finished: false,
+        }
+    }
+
+    /// Marks the moment the request left for the upstream; returns it for the caller's use.
+    pub fn upstream_sent(&mut self) -> Instant {
+        let now = Instant::now();
+        self.upstream = Some(UpstreamTiming {
+            sent: now,
+            headers_after: std::time::Duration::ZERO,
+        });
+        now
+    }
+
+    /// Marks the arrival of the upstream's response headers.
+    pub fn upstream_headers(&mut self) {
+        if let Some(timing) = &mut self.upstream {
+            timing.headers_after = timing.sent.elapsed();
+            if let Some(endpoint) = self.endpoint {
+                self.metrics
+                    .upstream_ttfb
+                    .with_label_values(&[endpoint.label()])
+                    .observe(timing.headers_after.as_secs_f64());
+            }
+        }
+    }
+
+    /// Writes the log line and the metrics for a response of `status` whose body ended as
+    /// `end` says.
+    pub fn finish(mut self, status: StatusCode, end: BodyEnd, error_code: Option<&str>) {
+        self.finished = true;
+        self.metrics.in_flight.dec();
+        let endpoint = self.endpoint.map_or("none", Endpoint::label);
+        self.metrics
+            .requests
+            .with_label_values(&[endpoint, status.as_str()])
+            .inc();
+        let upstream_ms = self.upstream.as_ref().map(|timing| {
+            let elapsed = timing.sent.elapsed();
+            if let Some(endpoint) = self.endpoint {
+                self.metrics
+                    .upstream_duration
+                    .with_label_values(&[endpoint.label()])
+                    .observe(elapsed.as_secs_f64());
+            }
+            millis(elapsed)
+        });
+        let total_ms = millis(self.started.elapsed());
+        let outcome = match end.outcome {
+            BodyOutcome::Complete => "complete",
+            BodyOutcome::Failed => "upstream_body_failed",
+            BodyOutcome::Cancelled => "client_cancelled",
+        };
+        match (end.outcome, error_code) {
+            (BodyOutcome::Complete, None) => tracing::info!(
+                target: "sluice::access",
+                method = %self.method, path = %self.path, endpoint, status = status.as_u16(),
+                upstream_ms, total_ms, bytes = end.bytes, outcome,
+                "request"
+            ),
+            _ => tracing::warn!(
+                target: "sluice::access",
+                method = %self.method, path = %self.path, endpoint, status = status.as_u16(),
+                upstream_ms, total_ms, bytes = end.bytes, outcome, error = error_code,
+                "request"
+            ),
+        }
+    }
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        // A record dropped unfinished belongs to a handler cancelled by a client disconnect
+        // before any response existed: still one request, still logged.
+        if !self.finished {
+            self.finished = true;
+            self.metrics.in_flight.dec();
+            let endpoint = self.endpoint.map_or("none", Endpoint::label);
+            // 499, as nginx logs it: the client closed the request before a response.
+            self.metrics
+                .requests
+                .with_label_values(&[endpoint, "499"])
+                .inc();
+            tracing::warn!(
+                target: "sluice::access",
+                method = %self.method, path = %self.path, endpoint, status = 499u16,
+                total_ms = millis(self.started.elapsed()), outcome = "client_cancelled",
+                "request"
+            );
+        }
+    }
+}
+
+fn millis(duration: std::time::Duration) -> f64 {
+    (duration.as_secs_f64() * 1_000_000.0).round() / 1_000.0
+}

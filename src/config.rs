@@ -1,0 +1,837 @@
+//! Configuration: a TOML file parsed raw (every key optional, unknown keys rejected), merged
+//! with command-line and environment overrides, then validated once into a [`Config`] whose
+//! fields cannot be wrong. Precedence: flags, then environment (both resolved by clap before
+//! they reach [`Overrides`]), then the file, then the defaults below.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::limiter::bucket::Limits;
+use crate::queue::Priority;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
+pub const DEFAULT_UPSTREAM: &str = "https://api.openai.com";
+const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
+/// The official SDKs wait 600 s by default; a shorter idle timeout here would cut off slow
+/// reasoning-model answers the client is still willing to wait for.
+const DEFAULT_READ_TIMEOUT_SECS: f64 = 600.0;
+const DEFAULT_POOL_IDLE_TIMEOUT_SECS: f64 = 90.0;
+/// 32 MiB: well above the largest chat request the API accepts with inline images.
+const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+const DEFAULT_DRAIN_TIMEOUT_SECS: f64 = 30.0;
+const DEFAULT_MAX_WAIT_SECS: f64 = 60.0;
+const DEFAULT_MAX_DEPTH: usize = 10_000;
+const DEFAULT_MAX_DEPTH_PER_BUCKET: usize = 2_000;
+const DEFAULT_INTERACTIVE_RESERVE: f64 = 0.2;
+/// The SDKs give up after their own timeout; a request admitted just before that moment would
+/// spend budget on an answer nobody reads, so sluice stops queueing a little earlier.
+const DEFAULT_CLIENT_TIMEOUT_MARGIN_SECS: f64 = 2.0;
+/// Reserved for output when a request sets no cap. Undocumented upstream; trued up to the
+/// actual completion once the response reports usage.
+const DEFAULT_OUTPUT_TOKENS: u64 = 1024;
+
+/// The validated configuration sluice runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+    pub upstream: UpstreamConfig,
+    pub server: ServerConfig,
+    pub queue: QueueConfig,
+    pub estimate: EstimateConfig,
+    pub orgs: Vec<OrgConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// Origin plus optional path prefix, without a trailing slash; the request's own
+    /// `/v1/...` path and query are appended to it.
+    pub base_url: String,
+    pub connect_timeout: Duration,
+    /// Longest silence between two reads of an upstream response (an idle timeout, so a
+    /// long stream that keeps sending is never cut).
+    pub read_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub accounting: Accounting,
+}
+
+/// How the upstream counts a request against its token limit, and so what sluice settles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accounting {
+    /// OpenAI: the output cap stays charged whatever is generated; actual usage only
+    /// corrects the prompt estimate.
+    #[default]
+    Reserved,
+    /// Providers that count real usage: unused output is refunded.
+    Actual,
+}
+
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    /// Longest a request waits for admission, whatever the client allows.
+    pub max_wait: Duration,
+    /// Requests waiting across all buckets.
+    pub max_depth: usize,
+    pub max_depth_per_bucket: usize,
+    /// Share (0..=0.9) of each bucket that batch requests leave for interactive ones.
+    pub interactive_reserve: f64,
+    /// Subtracted from the client's own timeout (x-stainless-read-timeout) to get its deadline.
+    pub client_timeout_margin: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct EstimateConfig {
+    /// Output tokens reserved when a request gives no cap.
+    pub default_output_tokens: u64,
+    /// Per-model overrides of `default_output_tokens` (exact name or prefix).
+    pub output_tokens_by_model: HashMap<String, u64>,
+}
+
+/// An organization: a budget shared by everyone who spends from it.
+#[derive(Clone, Debug)]
+pub struct OrgConfig {
+    /// Used in metrics and logs.
+    pub name: String,
+    /// `OpenAI-Organization` header values that identify this org.
+    pub organization_ids: Vec<String>,
+    /// SHA-256 of each API key that identifies this org, with the key's default priority.
+    pub key_hashes: Vec<([u8; 32], Priority)>,
+    pub default_priority: Priority,
+    /// Limits by model; `"*"` applies to every other model.
+    pub limits: HashMap<String, Limits>,
+}
+
+impl OrgConfig {
+    /// The limits for a model: its own entry, else `"*"`, else none.
+    pub fn limits_for(&self, model: &str) -> Option<Limits> {
+        self.limits
+            .get(model)
+            .or_else(|| self.limits.get("*"))
+            .copied()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest JSON body read whole (estimated endpoints); other bodies stream unbounded.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// Values from flags or the environment, which win over the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    queue: RawQueue,
+    #[serde(default)]
+    estimate: RawEstimate,
+    #[serde(default)]
+    org: Vec<RawOrg>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    max_wait_secs: Option<f64>,
+    max_depth: Option<usize>,
+    max_depth_per_bucket: Option<usize>,
+    interactive_reserve: Option<f64>,
+    client_timeout_margin_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEstimate {
+    default_output_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens_by_model: HashMap<String, u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrg {
+    name: String,
+    #[serde(default)]
+    organization_ids: Vec<String>,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    keys_env: Option<String>,
+    #[serde(default)]
+    key_sha256: Vec<RawKeyHash>,
+    default_priority: Option<Priority>,
+    #[serde(default)]
+    limits: BTreeMap<String, RawLimits>,
+}
+
+/// `"sk-..."` or `{ key = "sk-...", priority = "batch" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawKey {
+    Plain(String),
+    WithPriority { key: String, priority: Priority },
+}
+
+/// `"<64 hex digits>"` or `{ sha256 = "...", priority = "batch" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawKeyHash {
+    Plain(String),
+    WithPriority { sha256: String, priority: Priority },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    rpd: Option<u64>,
+    tpd: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<String>,
+    connect_timeout_secs: Option<f64>,
+    read_timeout_secs: Option<f64>,
+    pool_idle_timeout_secs: Option<f64>,
+    accounting: Option<Accounting>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    max_body_bytes: Option<u64>,
+    drain_timeout_secs: Option<f64>,
+}
+
+/// One problem with the configuration, named by the key path it concerns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Everything wrong with a configuration, so one `check-config` run shows all of it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration ({}):", self.source_name)?;
+        for issue in &self.issues {
+            write!(f, "\n  - {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The configuration with no file: defaults plus overrides.
+    pub fn from_overrides(overrides: &Overrides) -> Result<Self, ConfigError> {
+        validate(RawConfig::default(), overrides, "defaults")
+    }
+
+    /// Reads and validates a TOML file, then applies the overrides.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            source_name: source_name.clone(),
+            issues: vec![ConfigIssue {
+                key: "(file)".to_owned(),
+                message: format!("cannot read the file: {err}"),
+            }],
+        })?;
+        Self::parse(&text, &source_name, overrides)
+    }
+
+    /// Parses TOML text; `source_name` names it in errors.
+    pub fn parse(
+        text: &str,
+        source_name: &str,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let raw = parse_raw(text).map_err(|issue| ConfigError {
+            source_name: source_name.to_owned(),
+            issues: vec![issue],
+        })?;
+        validate(raw, overrides, source_name)
+    }
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigIssue> {
+    let deserializer = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        // toml's message carries a source snippet over several lines; the first line plus
+        // the key path is what a reader needs.
+        let message = inner
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid TOML")
+            .to_owned();
+        let location = inner
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        ConfigIssue {
+            key: if path == "." {
+                "(top level)".to_owned()
+            } else {
+                path
+            },
+            message: format!("{message}{location}"),
+        }
+    })
+}
+
+fn validate(
+    raw: RawConfig,
+    overrides: &Overrides,
+    source_name: &str,
+) -> Result<Config, ConfigError> {
+    let mut issues = Issues::default();
+
+    let (listen_text, listen_key) = match &overrides.listen {
+        Some(value) => (value.as_str(), "listen (from --listen / SLUICE_LISTEN)"),
+        None => (raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "listen"),
+    };
+    let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|err| {
+        issues.add(
+            listen_key,
+            format!(
+                "{listen_text:?} is not an IP:port address ({err}); for example \"127.0.0.1:8787\""
+            ),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 8787))
+    });
+
+    let (url_text, url_key) = match &overrides.upstream {
+        Some(value) => (
+            value.as_str(),
+            "upstream.url (from --upstream / SLUICE_UPSTREAM)",
+        ),
+        None => (
+            raw.upstream.url.as_deref().unwrap_or(DEFAULT_UPSTREAM),
+            "upstream.url",
+        ),
+    };
+    let base_url = match validate_upstream_url(url_text) {
+        Ok(url) => url,
+        Err(message) => {
+            issues.add(url_key, message);
+            String::new()
+        }
+    };
+
+    let connect_timeout = seconds(
+        &mut issues,
+        "upstream.connect_timeout_secs",
+        raw.upstream.connect_timeout_secs,
+        DEFAULT_CONNECT_TIMEOUT_SECS,
+    );
+    let read_timeout = seconds(
+        &mut issues,
+        "upstream.read_timeout_secs",
+        raw.upstream.read_timeout_secs,
+        DEFAULT_READ_TIMEOUT_SECS,
+    );
+    let pool_idle_timeout = seconds(
+        &mut issues,
+        "upstream.pool_idle_timeout_secs",
+        raw.upstream.pool_idle_timeout_secs,
+        DEFAULT_POOL_IDLE_TIMEOUT_SECS,
+    );
+    let drain_timeout = seconds(
+        &mut issues,
+        "server.drain_timeout_secs",
+        raw.server.drain_timeout_secs,
+        DEFAULT_DRAIN_TIMEOUT_SECS,
+    );
+
+    let max_body = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let max_body_bytes = match usize::try_from(max_body) {
+        Ok(n) if n >= 1024 => n,
+        _ => {
+            issues.add(
+                "server.max_body_bytes",
+                format!("{max_body} is out of range: use at least 1024 bytes"),
+            );
+            0
+        }
+    };
+
+    let max_wait = seconds(
+        &mut issues,
+        "queue.max_wait_secs",
+        raw.queue.max_wait_secs,
+        DEFAULT_MAX_WAIT_SECS,
+    );
+    let client_timeout_margin = seconds(
+        &mut issues,
+        "queue.client_timeout_margin_secs",
+        raw.queue.client_timeout_margin_secs,
+        DEFAULT_CLIENT_TIMEOUT_MARGIN_SECS,
+    );
+    let interactive_reserve = raw
+        .queue
+        .interactive_reserve
+        .unwrap_or(DEFAULT_INTERACTIVE_RESERVE);
+    if !(0.0..=0.9).contains(&interactive_reserve) {
+        issues.add(
+            "queue.interactive_reserve",
+            format!("{interactive_reserve} is not a share between 0 and 0.9"),
+        );
+    }
+    let max_depth = raw.queue.max_depth.unwrap_or(DEFAULT_MAX_DEPTH);
+    let max_depth_per_bucket = raw
+        .queue
+        .max_depth_per_bucket
+        .unwrap_or(DEFAULT_MAX_DEPTH_PER_BUCKET);
+    for (key, value) in [
+        ("queue.max_depth", max_depth),
+        ("queue.max_depth_per_bucket", max_depth_per_bucket),
+    ] {
+        if value == 0 || value > 1_000_000 {
+            issues.add(key, format!("{value} is out of range: use 1 to 1000000"));
+        }
+    }
+
+    let default_output_tokens = raw
+        .estimate
+        .default_output_tokens
+        .unwrap_or(DEFAULT_OUTPUT_TOKENS);
+    for (model, tokens) in &raw.estimate.output_tokens_by_model {
+        if *tokens > 10_000_000 {
+            issues.add(
+                &format!("estimate.output_tokens_by_model.{model}"),
+                format!("{tokens} is out of range"),
+            );
+        }
+    }
+
+    let orgs = validate_orgs(raw.org, &mut issues);
+
+    if !issues.0.is_empty() {
+        return Err(ConfigError {
+            source_name: source_name.to_owned(),
+            issues: issues.0,
+        });
+    }
+    Ok(Config {
+        listen,
+        log_format: overrides.log_format.or(raw.log_format).unwrap_or_default(),
+        upstream: UpstreamConfig {
+            base_url,
+            connect_timeout,
+            read_timeout,
+            pool_idle_timeout,
+            accounting: raw.upstream.accounting.unwrap_or_default(),
+        },
+        server: ServerConfig {
+            max_body_bytes,
+            drain_timeout,
+        },
+        queue: QueueConfig {
+            max_wait,
+            max_depth,
+            max_depth_per_bucket,
+            interactive_reserve,
+            client_timeout_margin,
+        },
+        estimate: EstimateConfig {
+            default_output_tokens,
+            output_tokens_by_model: raw.estimate.output_tokens_by_model,
+        },
+        orgs,
+    })
+}
+
+/// Problems found so far; validation goes on after one, so all are reported together.
+#[derive(Default)]
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn add(&mut self, key: &str, message: String) {
+        self.0.push(ConfigIssue {
+            key: key.to_owned(),
+            message,
+        });
+    }
+}
+
+/// A number of seconds, checked: the upper bound keeps `Duration::from_secs_f64` from
+/// panicking and catches unit slips (milliseconds given as seconds).
+fn seconds(issues: &mut Issues, key: &str, value: Option<f64>, default: f64) -> Duration {
+    let value = value.unwrap_or(default);
+    if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+        issues.add(
+            key,
+            format!("{value} is not a number of seconds between 0 (exclusive) and 86400"),
+        );
+        return Duration::from_secs_f64(default);
+    }
+    Duration::from_secs_f64(value)
+}
+
+/// Org names label metrics: short, plain, and never in the automatic `key-` namespace.
+fn valid_org_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with("key-")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn validate_orgs(raw: Vec<RawOrg>, issues: &mut Issues) -> Vec<OrgConfig> {
+    let mut names = HashSet::new();
+    let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
+    let mut org_id_owner: HashMap<String, String> = HashMap::new();
+    let mut orgs = Vec::with_capacity(raw.len());
+    for (index, org) in raw.into_iter().enumerate() {
+        let at = format!("org[{index}]");
+        if !valid_org_name(&org.name) {
+            issues.add(
+                &format!("{at}.name"),
+                format!(
+                    "{:?} is not a valid org name: use 1-64 letters, digits, '-', '_' or '.', \
+                     not starting with \"key-\" (reserved for automatic orgs)",
+                    org.name
+                ),
+            );
+        } else if !names.insert(org.name.clone()) {
+            issues.add(
+                &format!("{at}.name"),
+                format!("{:?} is used by another org", org.name),
+            );
+        }
+        let default_priority = org.default_priority.unwrap_or_default();
+
+        for id in &org.organization_ids {
+            if id.trim().is_empty() {
+                issues.add(
+                    &format!("{at}.organization_ids"),
+                    "an entry is empty".to_owned(),
+                );
+            } else if let Some(owner) = org_id_owner.insert(id.clone(), org.name.clone()) {
+                issues.add(
+                    &format!("{at}.organization_ids"),
+                    format!("{id:?} is also listed by org {owner:?}"),
+                );
+            }
+        }
+
+        let mut key_hashes = Vec::new();
+        let mut add_key = |key: &str, priority: Priority, key_path: &str, issues: &mut Issues| {
+            let key = key.trim();
+            if key.is_empty() {
+                issues.add(key_path, "an API key is empty".to_owned());
+                return;
+            }
+            let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+            key_hashes.push((hash, priority));
+            // Never echo the key: name the duplicate by its automatic org name.
+            if let Some(owner) = key_owner.insert(hash, org.name.clone()) {
+                issues.add(
+                    key_path,
+                    format!(
+                        "the key hashed {} is also listed by org {owner:?}",
+                        hex_prefix(&hash)
+                    ),
+                );
+            }
+        };
+        for (k, key) in org.keys.iter().enumerate() {
+            let (text, priority) = match key {
+                RawKey::Plain(text) => (text.as_str(), default_priority),
+                RawKey::WithPriority { key, priority } => (key.as_str(), *priority),
+            };
+            add_key(text, priority, &format!("{at}.keys[{k}]"), issues);
+        }
+        if let Some(var) = &org.keys_env {
+            match std::env::var(var) {
+                Ok(list) => {
+                    for key in list.split(',').filter(|k| !k.trim().is_empty()) {
+                        add_key(key, default_priority, &format!("{at}.keys_env"), issues);
+                    }
+                }
+                Err(_) => issues.add(
+                    &format!("{at}.keys_env"),
+                    format!("environment variable {var} is not set (or not UTF-8); it should hold a comma-separated list of keys"),
+                ),
+            }
+        }
+        for (k, entry) in org.key_sha256.iter().enumerate() {
+            let (text, priority) = match entry {
+                RawKeyHash::Plain(text) => (text.as_str(), default_priority),
+                RawKeyHash::WithPriority { sha256, priority } => (sha256.as_str(), *priority),
+            };
+            match parse_sha256(text) {
+                Some(hash) => {
+                    key_hashes.push((hash, priority));
+                    if let Some(owner) = key_owner.insert(hash, org.name.clone()) {
+                        issues.add(
+                            &format!("{at}.key_sha256[{k}]"),
+                            format!("this hash is also listed by org {owner:?}"),
+                        );
+                    }
+                }
+                None => issues.add(
+                    &format!("{at}.key_sha256[{k}]"),
+                    "not a SHA-256 in hex (64 hex digits; compute it with: printf %s \"$KEY\" | sha256sum)".to_owned(),
+                ),
+            }
+        }
+
+        let mut limits = HashMap::new();
+        for (model, raw_limits) in org.limits {
+            let key_path = format!("{at}.limits.{model}");
+            if model.trim().is_empty() {
+                issues.add(
+                    &key_path,
+                    "the model name is empty (use \"*\" for any model)".to_owned(),
+                );
+                continue;
+            }
+            let parsed = Limits {
+                rpm: raw_limits.rpm,
+                tpm: raw_limits.tpm,
+                rpd: raw_limits.rpd,
+                tpd: raw_limits.tpd,
+            };
+            for (name, value) in [
+                ("rpm", parsed.rpm),
+                ("tpm", parsed.tpm),
+                ("rpd", parsed.rpd),
+                ("tpd", parsed.tpd),
+            ] {
+                if value == Some(0) {
+                    issues.add(
+                        &format!("{key_path}.{name}"),
+                        "a limit of 0 admits nothing; remove the key to leave it unlimited"
+                            .to_owned(),
+                    );
+                }
+            }
+            if parsed.is_empty() {
+                issues.add(
+                    &key_path,
+                    "no limit set: give at least one of rpm, tpm, rpd, tpd".to_owned(),
+                );
+            }
+            limits.insert(model, parsed);
+        }
+
+        orgs.push(OrgConfig {
+            name: org.name,
+            organization_ids: org.organization_ids,
+            key_hashes,
+            default_priority,
+            limits,
+        });
+    }
+    orgs
+}
+
+fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The first 8 hex digits of a hash: how keys are named wherever a name is needed.
+pub fn hex_prefix(hash: &[u8; 32]) -> String {
+    hash[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Accepts `scheme://host[:port][/prefix]`; returns it without a trailing slash.
+fn validate_upstream_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|err| {
+        format!("{text:?} is not a URL ({err}); for example \"https://api.openai.com\"")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{text:?} must use http or https"));
+    }
+    if url.host_str().is_none() {
+        return Err(format!("{text:?} has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{text:?} must not have a query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "credentials do not belong in the upstream URL: clients send their own keys".to_owned(),
+        );
+    }
+    let trimmed = url.as_str().trim_end_matches('/');
+    if trimmed.ends_with("/v1") {
+        return Err(format!(
+            "{text:?} ends in /v1: give the origin only (e.g. \"https://api.openai.com\"), \
+             sluice appends each request's own /v1/... path"
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", &Overrides::default())
+    }
+
+    fn keys(err: ConfigError) -> Vec<String> {
+        err.issues.into_iter().map(|issue| issue.key).collect()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = parse("").expect("defaults are valid");
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.upstream.base_url, DEFAULT_UPSTREAM);
+        assert_eq!(config.upstream.connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.server.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(config.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../config/sluice.toml");
+        parse(text).expect("config/sluice.toml must stay valid");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_by_path() {
+        let err = parse("[upstream]\nurll = \"http://x\"\n").expect_err("unknown key");
+        assert_eq!(err.issues.len(), 1);
+        assert_eq!(err.issues[0].key, "upstream.urll");
+        assert!(
+            err.issues[0].message.contains("unknown field"),
+            "{}",
+            err.issues[0].message
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named_by_path() {
+        let err = parse("[server]\nmax_body_bytes = \"big\"\n").expect_err("type error");
+        assert_eq!(keys(err), ["server.max_body_bytes"]);
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported_at_once() {
+        let err = parse(
+            "listen = \"nowhere\"\n[upstream]\nurl = \"ftp://x\"\nread_timeout_secs = -1\n\
+             [server]\nmax_body_bytes = 10\n",
+        )
+        .expect_err("invalid values");
+        assert_eq!(
+            keys(err),
+            [
+                "listen",
+                "upstream.url",
+                "upstream.read_timeout_secs",
+                "server.max_body_bytes"
+            ]
+        );
+    }
+
+    #[test]
+    fn upstream_url_rules() {
+        assert_eq!(
+            validate_upstream_url("http://127.0.0.1:9000/").as_deref(),
+            Ok("http://127.0.0.1:9000")
+        );
+        assert_eq!(
+            validate_upstream_url("https://gw.example.com/openai").as_deref(),
+            Ok("https://gw.example.com/openai")
+        );
+        assert!(validate_upstream_url("https://api.openai.com/v1").is_err());
+        assert!(validate_upstream_url("https://api.openai.com/v1/").is_err());
+        assert!(validate_upstream_url("https://u:p@api.openai.com").is_err());
+        assert!(validate_upstream_url("api.openai.com").is_err());
+        assert!(validate_upstream_url("https://api.openai.com?x=1").is_err());
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:9999".to_owned()),
+            upstream: Some("http://127.0.0.1:1".to_owned()),
+            log_format: Some(LogFormat::Json),
+        };
+        let text = "listen = \"127.0.0.1:1111\"\nlog_format = \"pretty\"\n[upstream]\nurl = \"http://a:2\"\n";
+        let config = Config::parse(text, "t", &overrides).expect("valid");
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.upstream.base_url, "http://127.0.0.1:1");
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_bad_override_names_its_flag() {
+        let overrides = Overrides {
+            listen: Some("localhost".to_owned()),
+            ..Overrides::default()
+        };
+        let err = Config::from_overrides(&overrides).expect_err("bad listen");
+        assert!(err.issues[0].key.contains("--listen"), "{:?}", err.issues);
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_reported_with_a_line() {
+        let err = parse("listen = \n").expect_err("syntax");
+        assert!(err.issues[0].message.contains("line"), "{:?}", err.issues);
+    }
+}

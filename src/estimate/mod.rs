@@ -1,0 +1,1 @@
+//! Token estimation (in progress).

@@ -1,0 +1,53 @@
+//! sluice: a rate-limit-aware reverse proxy for OpenAI-compatible APIs.
+//!
+//! Every request goes through the same lifecycle (see [`proxy`]):
+//! route ([`endpoint`]) -> read the body -> forward ([`upstream`]) -> relay the response
+//! unchanged, streaming -> record ([`access`], [`metrics`]).
+//!
+//! Module map:
+//! - [`config`]: the TOML file and overrides, validated into [`config::Config`].
+//! - [`server`]: shared state, the router, health and metrics endpoints, graceful drain.
+//! - [`proxy`]: the lifecycle, in phase order.
+//! - [`endpoint`]: which OpenAI endpoint a path names.
+//! - [`upstream`]: the shared HTTP client, header rules, the observed response body.
+//! - [`access`]: the access-log line and request metrics of a finished exchange.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`error`]: the one error enum and its OpenAI-shaped response.
+
+pub mod access;
+pub mod config;
+pub mod endpoint;
+pub mod error;
+pub mod estimate;
+pub mod limiter;
+pub mod metrics;
+pub mod org;
+pub mod proxy;
+pub mod queue;
+pub mod server;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use server::StartError;
+
+/// Runs sluice on `listener` until `shutdown` resolves, then drains and returns. The binary
+/// and the integration tests (on port 0) both start the server through this function.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let state = Arc::new(server::AppState::new(config)?);
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(
+            upstream = %state.config.upstream.base_url,
+            "sluice listening on http://{addr}"
+        );
+    }
+    server::serve(listener, state, shutdown).await
+}

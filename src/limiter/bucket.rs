@@ -1,0 +1,532 @@
+//! A continuously refilling bucket holding several limits at once (requests and tokens, per
+//! minute and optionally per day): a request is admitted only when every limit has room, and
+//! takes from all of them together.
+//!
+//! Pure logic: every method takes `now`, so tests drive time by hand. Levels are `f64` so the
+//! refill is exact between integer units; a level may go negative (debt) when usage turns
+//! out larger than its estimate, and it then takes correspondingly longer to refill.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// What a bucket meters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Requests,
+    Tokens,
+}
+
+impl Resource {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::Tokens => "tokens",
+        }
+    }
+}
+
+/// The configured limits of one (organization, model). `None` means "not limited".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub rpd: Option<u64>,
+    pub tpd: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        self.rpm.is_none() && self.tpm.is_none() && self.rpd.is_none() && self.tpd.is_none()
+    }
+}
+
+/// What one request takes from a bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+impl Cost {
+    pub fn request(tokens: u64) -> Self {
+        Self {
+            requests: 1,
+            tokens,
+        }
+    }
+
+    fn of(self, resource: Resource) -> f64 {
+        match resource {
+            Resource::Requests => self.requests as f64,
+            Resource::Tokens => self.tokens as f64,
+        }
+    }
+}
+
+/// One limit: `capacity` units, refilling continuously at `capacity / window`.
+#[derive(Clone, Debug)]
+struct Meter {
+    resource: Resource,
+    window: Duration,
+    capacity: f64,
+    /// Units per second.
+    rate: f64,
+    level: f64,
+}
+
+impl Meter {
+    fn new(resource: Resource, limit: u64, window: Duration) -> Self {
+        let capacity = limit as f64;
+        Self {
+            resource,
+            window,
+            capacity,
+            rate: capacity / window.as_secs_f64(),
+            level: capacity,
+        }
+    }
+
+    /// The level this meter must keep untouched for a request that may only use the share of
+    /// capacity above `keep` (a fraction in 0..1).
+    fn floor(&self, keep: f64) -> f64 {
+        self.capacity * keep
+    }
+
+    /// Seconds until `amount` fits above `floor`, from the current level.
+    fn seconds_until(&self, amount: f64, floor: f64) -> f64 {
+        let missing = amount + floor - self.level;
+        if missing <= 0.0 {
+            0.0
+        } else if self.rate > 0.0 {
+            missing / self.rate
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+/// Why a cost cannot be admitted.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Shortfall {
+    /// It fits after this wait, if nothing else is taken meanwhile.
+    Wait { wait: Duration, resource: Resource },
+    /// It is larger than the limit itself and never fits.
+    Never {
+        resource: Resource,
+        limit: u64,
+        window: Duration,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    meters: Vec<Meter>,
+    updated: Instant,
+}
+
+impl Bucket {
+    /// A full bucket with the given limits.
+    pub fn new(limits: &Limits, now: Instant) -> Self {
+        let mut meters = Vec::with_capacity(4);
+        for (limit, resource, window) in [
+            (limits.rpm, Resource::Requests, MINUTE),
+            (limits.tpm, Resource::Tokens, MINUTE),
+            (limits.rpd, Resource::Requests, DAY),
+            (limits.tpd, Resource::Tokens, DAY),
+        ] {
+            if let Some(limit) = limit {
+                meters.push(Meter::new(resource, limit, window));
+            }
+        }
+        Self {
+            meters,
+            updated: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        if elapsed > 0.0 {
+            for meter in &mut self.meters {
+                meter.level = (meter.level + meter.rate * elapsed).min(meter.capacity);
+            }
+            self.updated = now;
+        }
+    }
+
+    /// Takes `cost` if every limit has room for it above `keep` (the share of each capacity
+    /// reserved for others, 0..1); otherwise takes nothing and says how long until it fits.
+    pub fn try_take(&mut self, cost: Cost, keep: f64, now: Instant) -> Result<(), Shortfall> {
+        self.refill(now);
+        self.check(cost, keep)?;
+        for meter in &mut self.meters {
+            meter.level -= cost.of(meter.resource);
+        }
+        Ok(())
+    }
+
+    /// How long until `cost` would fit above `keep`, if nothing else were taken: zero when it
+    /// fits now.
+    pub fn wait_for(&mut self, cost: Cost, keep: f64, now: Instant) -> Result<Duration, Shortfall> {
+        self.refill(now);
+        match self.check(cost, keep) {
+            Ok(()) => Ok(Duration::ZERO),
+            Err(Shortfall::Wait { wait, .. }) => Ok(wait),
+            Err(never) => Err(never),
+        }
+    }
+
+    fn check(&self, cost: Cost, keep: f64) -> Result<(), Shortfall> {
+        let mut longest: Option<(f64, Resource)> = None;
+        for meter in &self.meters {
+            let amount = cost.of(meter.resource);
+            if amount > meter.capacity {
+                return Err(Shortfall::Never {
+                    resource: meter.resource,
+                    limit: meter.capacity as u64,
+                    window: meter.window,
+                });
+            }
+            // A request bigger than the unreserved share may still use the reserve: otherwise
+            // it could never run at all. It waits for a full bucket instead.
+            let floor = meter.floor(keep).min(meter.capacity - amount);
+            let seconds = meter.seconds_until(amount, floor);
+            if seconds > 0.0 && longest.is_none_or(|(s, _)| seconds > s) {
+                longest = Some((seconds, meter.resource));
+            }
+        }
+        match longest {
+            None => Ok(()),
+            Some((seconds, resource)) => Err(Shortfall::Wait {
+                wait: duration_from_secs(seconds),
+                resource,
+            }),
+        }
+    }
+
+    /// How long until the bucket has accumulated `cost` above `keep`, even when `cost` is
+    /// larger than a capacity (it is then the total of several requests taken in turn).
+    pub fn projected_wait(&mut self, cost: Cost, keep: f64, now: Instant) -> Duration {
+        self.refill(now);
+        let seconds = self
+            .meters
+            .iter()
+            .map(|meter| meter.seconds_until(cost.of(meter.resource), meter.floor(keep)))
+            .fold(0.0, f64::max);
+        duration_from_secs(seconds)
+    }
+
+    /// Whether `cost` could ever fit (is within every limit).
+    pub fn fits_ever(&self, cost: Cost) -> Result<(), Shortfall> {
+        for meter in &self.meters {
+            if cost.of(meter.resource) > meter.capacity {
+                return Err(Shortfall::Never {
+                    resource: meter.resource,
+                    limit: meter.capacity as u64,
+                    window: meter.window,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns units to the bucket (a refund), never above capacity.
+    pub fn give_back(&mut self, cost: Cost, now: Instant) {
+        self.refill(now);
+        for meter in &mut self.meters {
+            meter.level = (meter.level + cost.of(meter.resource)).min(meter.capacity);
+        }
+    }
+
+    /// Takes units unconditionally: usage beyond the estimate, which the provider has already
+    /// counted. The level may go negative (debt), delaying later admissions accordingly.
+    pub fn charge(&mut self, cost: Cost, now: Instant) {
+        self.refill(now);
+        for meter in &mut self.meters {
+            meter.level -= cost.of(meter.resource);
+        }
+    }
+
+    /// Units available now per resource: the smallest level among that resource's limits
+    /// (negative in debt). `None` when the resource is not limited.
+    pub fn available(&mut self, resource: Resource, now: Instant) -> Option<f64> {
+        self.refill(now);
+        self.meters
+            .iter()
+            .filter(|meter| meter.resource == resource)
+            .map(|meter| meter.level)
+            .reduce(f64::min)
+    }
+
+    /// The per-minute limit of a resource, if it has one.
+    pub fn limit(&self, resource: Resource) -> Option<u64> {
+        self.meters
+            .iter()
+            .find(|meter| meter.resource == resource && meter.window == MINUTE)
+            .map(|meter| meter.capacity as u64)
+    }
+
+    /// Replaces the limits in place, keeping what has been spent: a bucket that had used 100
+    /// of 500 has 100 used of its new capacity too (clamped to it).
+    pub fn set_limits(&mut self, limits: &Limits, now: Instant) {
+        self.refill(now);
+        let mut next = Self::new(limits, now);
+        for meter in &mut next.meters {
+            if let Some(old) = self
+                .meters
+                .iter()
+                .find(|old| old.resource == meter.resource && old.window == meter.window)
+            {
+                let spent = old.capacity - old.level;
+                meter.level = (meter.capacity - spent).min(meter.capacity);
+            }
+        }
+        self.meters = next.meters;
+    }
+}
+
+/// `Duration::from_secs_f64` panics on infinities and overflow; waits are capped at a day,
+/// far beyond any queue deadline.
+fn duration_from_secs(seconds: f64) -> Duration {
+    if seconds.is_finite() {
+        Duration::from_secs_f64(seconds.clamp(0.0, DAY.as_secs_f64()))
+    } else {
+        DAY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn limits(rpm: u64, tpm: u64) -> Limits {
+        Limits {
+            rpm: Some(rpm),
+            tpm: Some(tpm),
+            ..Limits::default()
+        }
+    }
+
+    fn at(start: Instant, millis: u64) -> Instant {
+        start + Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn admits_up_to_capacity_then_waits_for_refill() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&limits(60, 600), t0);
+        for _ in 0..60 {
+            bucket
+                .try_take(Cost::request(10), 0.0, t0)
+                .expect("within capacity");
+        }
+        let Err(Shortfall::Wait { wait, resource }) = bucket.try_take(Cost::request(10), 0.0, t0)
+        else {
+            panic!("the 61st request must wait");
+        };
+        // Both resources are empty; one request refills in 1 s (60/min), 10 tokens in 1 s.
+        assert_eq!(wait, Duration::from_secs(1));
+        assert!(matches!(resource, Resource::Requests | Resource::Tokens));
+        assert!(bucket
+            .try_take(Cost::request(10), 0.0, at(t0, 999))
+            .is_err());
+        assert!(bucket
+            .try_take(Cost::request(10), 0.0, at(t0, 1000))
+            .is_ok());
+    }
+
+    #[test]
+    fn both_resources_must_have_room() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&limits(100, 1000), t0);
+        bucket.try_take(Cost::request(900), 0.0, t0).expect("fits");
+        // Requests are plentiful, tokens are not: nothing is taken from either.
+        let Err(Shortfall::Wait { wait, resource }) = bucket.try_take(Cost::request(200), 0.0, t0)
+        else {
+            panic!("tokens short");
+        };
+        assert_eq!(resource, Resource::Tokens);
+        assert_eq!(wait, Duration::from_secs(6)); // 100 tokens at 1000/min
+        assert_eq!(bucket.available(Resource::Requests, t0), Some(99.0));
+        assert_eq!(bucket.available(Resource::Tokens, t0), Some(100.0));
+    }
+
+    #[test]
+    fn larger_than_the_limit_never_fits() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&limits(100, 1000), t0);
+        assert_eq!(
+            bucket.try_take(Cost::request(1001), 0.0, t0),
+            Err(Shortfall::Never {
+                resource: Resource::Tokens,
+                limit: 1000,
+                window: MINUTE
+            })
+        );
+        assert!(bucket.fits_ever(Cost::request(1000)).is_ok());
+    }
+
+    #[test]
+    fn the_reserved_share_is_kept_for_others() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&limits(10, 1000), t0);
+        // Keeping 20 %: 8 requests fit, the 9th waits, but a request not keeping anything fits.
+        for _ in 0..8 {
+            bucket
+                .try_take(Cost::request(1), 0.2, t0)
+                .expect("above the reserve");
+        }
+        assert!(bucket.try_take(Cost::request(1), 0.2, t0).is_err());
+        assert!(bucket.try_take(Cost::request(1), 0.0, t0).is_ok());
+    }
+
+    #[test]
+    fn a_request_larger_than_the_unreserved_share_waits_for_a_full_bucket() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&limits(100, 1000), t0);
+        assert!(bucket.try_take(Cost::request(900), 0.5, t0).is_ok());
+    }
+
+    #[test]
+    fn debt_delays_later_admissions() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&limits(1000, 600), t0);
+        bucket.try_take(Cost::request(600), 0.0, t0).expect("fits");
+        bucket.charge(
+            Cost {
+                requests: 0,
+                tokens: 60,
+            },
+            t0,
+        );
+        assert_eq!(bucket.available(Resource::Tokens, t0), Some(-60.0));
+        // 60 of debt plus 10 wanted at 10 tokens/s: 7 s.
+        assert_eq!(
+            bucket.wait_for(Cost::request(10), 0.0, t0),
+            Ok(Duration::from_secs(7))
+        );
+    }
+
+    #[test]
+    fn refunds_never_exceed_capacity() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&limits(10, 100), t0);
+        bucket.give_back(Cost::request(50), t0);
+        assert_eq!(bucket.available(Resource::Tokens, t0), Some(100.0));
+        assert_eq!(bucket.available(Resource::Requests, t0), Some(10.0));
+    }
+
+    #[test]
+    fn daily_limits_bind_alongside_minute_ones() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(
+            &Limits {
+                rpm: Some(100),
+                rpd: Some(3),
+                ..Limits::default()
+            },
+            t0,
+        );
+        for _ in 0..3 {
+            bucket.try_take(Cost::request(0), 0.0, t0).expect("fits");
+        }
+        let Err(Shortfall::Wait { wait, .. }) =
+            bucket.try_take(Cost::request(0), 0.0, at(t0, 60_000))
+        else {
+            panic!("the daily limit binds");
+        };
+        // One request of a 3/day limit refills in 8 h; a minute has passed.
+        assert_eq!(wait, Duration::from_secs(8 * 3600 - 60));
+    }
+
+    #[test]
+    fn changing_limits_keeps_what_was_spent() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&limits(100, 1000), t0);
+        bucket.try_take(Cost::request(400), 0.0, t0).expect("fits");
+        bucket.set_limits(&limits(50, 500), t0);
+        assert_eq!(bucket.available(Resource::Tokens, t0), Some(100.0));
+        assert_eq!(bucket.available(Resource::Requests, t0), Some(49.0));
+        assert_eq!(bucket.limit(Resource::Tokens), Some(500));
+        bucket.set_limits(&limits(100, 2000), t0);
+        assert_eq!(bucket.available(Resource::Tokens, t0), Some(1600.0));
+    }
+
+    #[test]
+    fn unlimited_bucket_admits_everything() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&Limits::default(), t0);
+        for _ in 0..10_000 {
+            bucket
+                .try_take(Cost::request(1_000_000), 0.0, t0)
+                .expect("no limits");
+        }
+        assert_eq!(bucket.available(Resource::Tokens, t0), None);
+    }
+
+    proptest! {
+        /// Never above capacity, whatever sequence of takes, refunds and time steps.
+        #[test]
+        fn level_never_exceeds_capacity(
+            ops in proptest::collection::vec((0u8..3, 0u64..3000, 0u64..5000), 1..200),
+        ) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut bucket = Bucket::new(&limits(50, 2000), t0);
+            for (op, amount, step) in ops {
+                now += Duration::from_millis(step);
+                match op {
+                    0 => { let _ = bucket.try_take(Cost::request(amount), 0.0, now); }
+                    1 => bucket.give_back(Cost::request(amount), now),
+                    _ => bucket.charge(Cost { requests: 0, tokens: amount / 10 }, now),
+                }
+                prop_assert!(bucket.available(Resource::Tokens, now).unwrap_or(0.0) <= 2000.0);
+                prop_assert!(bucket.available(Resource::Requests, now).unwrap_or(0.0) <= 50.0);
+            }
+        }
+
+        /// Over any interval, a greedy client is admitted exactly what the refill allows:
+        /// capacity plus rate times the interval (within one request of rounding).
+        #[test]
+        fn admits_exactly_the_refill_rate(
+            rpm in 1u64..600,
+            interval_ms in 1u64..180_000,
+            step_ms in 1u64..500,
+        ) {
+            let t0 = Instant::now();
+            let mut bucket = Bucket::new(&Limits { rpm: Some(rpm), ..Limits::default() }, t0);
+            let mut admitted = 0u64;
+            let mut elapsed = 0u64;
+            while elapsed <= interval_ms {
+                let now = at(t0, elapsed);
+                while bucket.try_take(Cost::request(0), 0.0, now).is_ok() {
+                    admitted += 1;
+                }
+                elapsed += step_ms;
+            }
+            let last = (interval_ms / step_ms) * step_ms;
+            let allowed = rpm as f64 + rpm as f64 * last as f64 / 60_000.0;
+            prop_assert!(admitted as f64 <= allowed + 1e-6, "admitted {admitted} > allowed {allowed}");
+            prop_assert!(admitted as f64 >= allowed.floor() - 1.0, "admitted {admitted} < allowed {allowed}");
+        }
+
+        /// The predicted wait is exact: the cost does not fit just before it, and fits at it.
+        #[test]
+        fn predicted_wait_is_exact(tokens in 1u64..1000, spent in 0u64..1000) {
+            let t0 = Instant::now();
+            let mut bucket = Bucket::new(&limits(1000, 1000), t0);
+            bucket.charge(Cost { requests: 0, tokens: spent }, t0);
+            let wait = bucket.wait_for(Cost::request(tokens), 0.0, t0).expect("fits eventually");
+            if wait > Duration::from_millis(2) {
+                let mut early = bucket.clone();
+                prop_assert!(early.try_take(Cost::request(tokens), 0.0, t0 + wait - Duration::from_millis(2)).is_err());
+            }
+            prop_assert!(bucket.try_take(Cost::request(tokens), 0.0, t0 + wait + Duration::from_micros(1)).is_ok());
+        }
+    }
+}
