@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::endpoint::Endpoint;
 use crate::metrics::Metrics;
+use crate::queue::Priority;
 use crate::upstream::body::{BodyEnd, BodyOutcome};
 
 /// What is known of an exchange while it runs; consumed by [`AccessRecord::finish`].
@@ -19,6 +20,12 @@ pub struct AccessRecord {
     method: Method,
     path: String,
     endpoint: Option<Endpoint>,
+    org: Option<Arc<str>>,
+    model: Option<String>,
+    priority: Option<Priority>,
+    queue_ms: Option<f64>,
+    usage: Option<(u64, u64)>,
+    estimate: Option<(u64, u64)>,
     started: Instant,
     upstream: Option<UpstreamTiming>,
     /// Whether `finish` ran: the in-flight gauge is decremented exactly once either way.
@@ -43,10 +50,35 @@ impl AccessRecord {
             method,
             path: path.to_owned(),
             endpoint,
+            org: None,
+            model: None,
+            priority: None,
+            queue_ms: None,
+            usage: None,
+            estimate: None,
             started: Instant::now(),
             upstream: None,
             finished: false,
         }
+    }
+
+    pub fn identity(&mut self, org: &Arc<str>, priority: Priority) {
+        self.org = Some(Arc::clone(org));
+        self.priority = Some(priority);
+    }
+
+    /// The model and what sluice estimated the request would cost (prompt, output reserved).
+    pub fn estimate(&mut self, model: &str, prompt_tokens: u64, output_tokens: u64) {
+        self.model = Some(model.to_owned());
+        self.estimate = Some((prompt_tokens, output_tokens));
+    }
+
+    pub fn queued(&mut self, waited: std::time::Duration) {
+        self.queue_ms = Some(millis(waited));
+    }
+
+    pub fn usage(&mut self, prompt_tokens: u64, completion_tokens: u64) {
+        self.usage = Some((prompt_tokens, completion_tokens));
     }
 
     /// Marks the moment the request left for the upstream; returns it for the caller's use.
@@ -98,17 +130,26 @@ impl AccessRecord {
             BodyOutcome::Failed => "upstream_body_failed",
             BodyOutcome::Cancelled => "client_cancelled",
         };
+        let org = self.org.as_deref();
+        let model = self.model.as_deref();
+        let priority = self.priority.map(Priority::label);
+        let (prompt_tokens, completion_tokens) = self.usage.unzip();
+        let (est_prompt_tokens, est_output_tokens) = self.estimate.unzip();
+        let queue_ms = self.queue_ms;
         match (end.outcome, error_code) {
             (BodyOutcome::Complete, None) => tracing::info!(
                 target: "sluice::access",
-                method = %self.method, path = %self.path, endpoint, status = status.as_u16(),
-                upstream_ms, total_ms, bytes = end.bytes, outcome,
+                method = %self.method, path = %self.path, endpoint, org, model, priority,
+                status = status.as_u16(), queue_ms, upstream_ms, total_ms, bytes = end.bytes,
+                est_prompt_tokens, est_output_tokens, prompt_tokens, completion_tokens, outcome,
                 "request"
             ),
             _ => tracing::warn!(
                 target: "sluice::access",
-                method = %self.method, path = %self.path, endpoint, status = status.as_u16(),
-                upstream_ms, total_ms, bytes = end.bytes, outcome, error = error_code,
+                method = %self.method, path = %self.path, endpoint, org, model, priority,
+                status = status.as_u16(), queue_ms, upstream_ms, total_ms, bytes = end.bytes,
+                est_prompt_tokens, est_output_tokens, prompt_tokens, completion_tokens, outcome,
+                error = error_code,
                 "request"
             ),
         }

@@ -35,6 +35,9 @@ const DEFAULT_CLIENT_TIMEOUT_MARGIN_SECS: f64 = 2.0;
 /// Reserved for output when a request sets no cap. Undocumented upstream; trued up to the
 /// actual completion once the response reports usage.
 const DEFAULT_OUTPUT_TOKENS: u64 = 1024;
+/// A request reaches the upstream tens of milliseconds after admission; a quarter second of
+/// refill in hand covers that with room to spare for a slow network.
+const DEFAULT_REFILL_MARGIN_SECS: f64 = 0.25;
 
 /// The validated configuration sluice runs with.
 #[derive(Clone, Debug)]
@@ -84,6 +87,9 @@ pub struct QueueConfig {
     pub interactive_reserve: f64,
     /// Subtracted from the client's own timeout (x-stainless-read-timeout) to get its deadline.
     pub client_timeout_margin: Duration,
+    /// Refill each bucket leaves unused, covering the moment between sluice's admission and
+    /// the upstream's own charge.
+    pub refill_margin: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -167,6 +173,7 @@ struct RawQueue {
     max_depth_per_bucket: Option<usize>,
     interactive_reserve: Option<f64>,
     client_timeout_margin_secs: Option<f64>,
+    refill_margin_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -417,6 +424,17 @@ fn validate(
         raw.queue.client_timeout_margin_secs,
         DEFAULT_CLIENT_TIMEOUT_MARGIN_SECS,
     );
+    // Zero is allowed here: it means "trust the bucket exactly".
+    let refill_margin = if raw.queue.refill_margin_secs == Some(0.0) {
+        Duration::ZERO
+    } else {
+        seconds(
+            &mut issues,
+            "queue.refill_margin_secs",
+            raw.queue.refill_margin_secs,
+            DEFAULT_REFILL_MARGIN_SECS,
+        )
+    };
     let interactive_reserve = raw
         .queue
         .interactive_reserve
@@ -482,6 +500,7 @@ fn validate(
             max_depth_per_bucket,
             interactive_reserve,
             client_timeout_margin,
+            refill_margin,
         },
         estimate: EstimateConfig {
             default_output_tokens,

@@ -5,8 +5,14 @@
 //! exception classes. Internal details (the upstream's error chain) go to the log, never to
 //! the client, and never carry a key: the upstream URL is the only request detail in them.
 
+use std::time::Duration;
+
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
+
+use crate::estimate::EstimateError;
+use crate::limiter::bucket::Resource;
+use crate::queue::Rejection;
 
 /// Whose fault a failure was: drives logging level and, later, whether a retry is safe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +38,16 @@ pub enum ProxyError {
     UpstreamFailed(String),
     #[error("sluice is shutting down")]
     ShuttingDown,
+    #[error("invalid request body: {0}")]
+    InvalidBody(EstimateError),
+    #[error("not admitted for {model} in org {org}: {rejection:?}")]
+    Rejected {
+        org: String,
+        model: String,
+        rejection: Rejection,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ProxyError {
@@ -56,6 +72,11 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InvalidBody(EstimateError::Tokenizer(_)) | Self::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            Self::Rejected { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -69,6 +90,27 @@ impl ProxyError {
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::ShuttingDown => "shutting_down",
+            Self::InvalidBody(EstimateError::Tokenizer(_)) | Self::Internal(_) => "internal_error",
+            Self::InvalidBody(_) => "invalid_request_body",
+            Self::Rejected { rejection, .. } => match rejection {
+                Rejection::TooLarge { .. } => "request_too_large",
+                // The code OpenAI uses, so clients treat it as the rate limit it is.
+                Rejection::Deadline { .. } => "rate_limit_exceeded",
+                Rejection::QueueFull { .. } => "queue_full",
+            },
+        }
+    }
+
+    /// How long a client should wait before retrying, when that is known.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Rejected { rejection, .. } => match rejection {
+                Rejection::TooLarge { .. } => None,
+                Rejection::Deadline { wait, .. } | Rejection::QueueFull { wait, .. } => {
+                    Some((*wait).max(Duration::from_millis(1)))
+                }
+            },
+            _ => None,
         }
     }
 
@@ -80,11 +122,22 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) | Self::UpstreamTimeout(_) | Self::UpstreamFailed(_) => {
                 Fault::Upstream
             }
-            Self::ShuttingDown => Fault::Internal,
+            Self::ShuttingDown | Self::Internal(_) => Fault::Internal,
+            Self::InvalidBody(EstimateError::Tokenizer(_)) => Fault::Internal,
+            Self::InvalidBody(_) | Self::Rejected { .. } => Fault::Client,
         }
     }
 
     fn error_type(&self) -> &'static str {
+        if let Self::Rejected { rejection, .. } = self {
+            // OpenAI names the limit that bound in `type`.
+            return match rejection {
+                Rejection::TooLarge { resource, .. } | Rejection::Deadline { resource, .. } => {
+                    resource.label()
+                }
+                Rejection::QueueFull { .. } => "requests",
+            };
+        }
         match self.fault() {
             Fault::Client => "invalid_request_error",
             Fault::Upstream | Fault::Internal => "server_error",
@@ -120,18 +173,111 @@ impl ProxyError {
             Self::ShuttingDown => "sluice is shutting down and accepts no new requests. Retry \
                  against another instance or after it restarts."
                 .to_owned(),
+            Self::InvalidBody(EstimateError::Tokenizer(_)) | Self::Internal(_) => {
+                "sluice hit an internal error while handling this request; it has been logged. \
+                 Retry the request."
+                    .to_owned()
+            }
+            Self::InvalidBody(err) => format!(
+                "sluice could not read this request's JSON body ({err}). Fix the request body; \
+                 the API would reject it too."
+            ),
+            Self::Rejected {
+                org,
+                model,
+                rejection,
+            } => rejection_message(org, model, rejection),
         }
     }
 }
 
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
-        error_response(
+        let mut response = error_response(
             self.status(),
             &self.client_message(),
             self.error_type(),
             self.code(),
-        )
+        );
+        let headers = response.headers_mut();
+        if let Some(wait) = self.retry_after() {
+            // Both hints the SDKs read: milliseconds first, then whole seconds (rounded up, so
+            // a client honouring only `retry-after` never comes back early).
+            let millis = wait.as_millis().max(1);
+            headers.insert("retry-after-ms", HeaderValue::from(millis as u64));
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(millis.div_ceil(1000) as u64),
+            );
+        }
+        if matches!(
+            self,
+            Self::Rejected {
+                rejection: Rejection::TooLarge { .. },
+                ..
+            }
+        ) {
+            // The SDKs obey this before their own retry rules: retrying cannot succeed.
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        response
+    }
+}
+
+fn limit_name(resource: Resource, window: Duration) -> &'static str {
+    match (resource, window.as_secs() >= 86_400) {
+        (Resource::Requests, false) => "requests per min (RPM)",
+        (Resource::Tokens, false) => "tokens per min (TPM)",
+        (Resource::Requests, true) => "requests per day (RPD)",
+        (Resource::Tokens, true) => "tokens per day (TPD)",
+    }
+}
+
+fn rejection_message(org: &str, model: &str, rejection: &Rejection) -> String {
+    match rejection {
+        Rejection::TooLarge {
+            resource,
+            limit,
+            window,
+            requested,
+        } => format!(
+            "Request too large for {model} in organization {org} on {}: Limit {limit}, \
+             Requested {requested}. It can never be admitted: reduce the prompt or the output \
+             cap (max_tokens / max_completion_tokens / max_output_tokens), or raise the \
+             limit in sluice's config. (sluice rejected it without sending it upstream.)",
+            limit_name(*resource, *window)
+        ),
+        Rejection::Deadline {
+            resource,
+            limit,
+            wait,
+            waited,
+        } => {
+            let limit = limit.map(|l| format!(": Limit {l}")).unwrap_or_default();
+            let name = limit_name(*resource, Duration::from_secs(60));
+            let waited = if waited.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    " after waiting {:.1}s in sluice's queue",
+                    waited.as_secs_f64()
+                )
+            };
+            format!(
+                "Rate limit reached for {model} in organization {org} on {name}{limit}. \
+                 sluice could not admit this request before its deadline{waited}: admission \
+                 is expected in {:.1}s. Please try again in {:.1}s, or allow a longer wait \
+                 with the x-sluice-max-wait header (seconds) or queue.max_wait_secs.",
+                wait.as_secs_f64(),
+                wait.as_secs_f64()
+            )
+        }
+        Rejection::QueueFull { depth, wait } => format!(
+            "sluice's queue for {model} in organization {org} is full ({depth} requests \
+             waiting). Please try again in {:.1}s, or raise queue.max_depth_per_bucket / \
+             queue.max_depth in sluice's config.",
+            wait.as_secs_f64()
+        ),
     }
 }
 

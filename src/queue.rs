@@ -85,6 +85,8 @@ pub struct QueueBounds {
     pub max_depth: usize,
     pub max_depth_per_bucket: usize,
     pub interactive_reserve: f64,
+    /// Refill left unused in every bucket (see [`Bucket::with_margin`]).
+    pub refill_margin: Duration,
     /// Requests waiting in all buckets.
     pub depth: AtomicUsize,
 }
@@ -163,12 +165,13 @@ pub struct BucketQueue {
 impl BucketQueue {
     pub fn new(org: Arc<str>, model: Arc<str>, limits: Limits, bounds: Arc<QueueBounds>) -> Self {
         let now = Instant::now();
+        let bucket = Bucket::with_margin(&limits, bounds.refill_margin, now);
         Self {
             org,
             model,
             bounds,
             state: Mutex::new(State {
-                bucket: Bucket::new(&limits, now),
+                bucket,
                 limits,
                 classes: [VecDeque::new(), VecDeque::new()],
                 queued: [Cost::default(); 2],
@@ -210,6 +213,10 @@ impl BucketQueue {
             }
             let ahead = self.cost_ahead(&state, priority, cost);
             let wait = state.bucket.projected_wait(ahead, keep, arrived);
+            let depth = state.classes[0].len() + state.classes[1].len();
+            if depth >= self.bounds.max_depth_per_bucket {
+                return Err(Rejection::QueueFull { depth, wait });
+            }
             if arrived + wait > deadline {
                 let resource = self.binding_resource(&mut state, ahead, keep, arrived);
                 return Err(Rejection::Deadline {
@@ -218,10 +225,6 @@ impl BucketQueue {
                     wait,
                     waited: Duration::ZERO,
                 });
-            }
-            let depth = state.classes[0].len() + state.classes[1].len();
-            if depth >= self.bounds.max_depth_per_bucket {
-                return Err(Rejection::QueueFull { depth, wait });
             }
             let total = self.bounds.depth.fetch_add(1, Ordering::Relaxed);
             if total >= self.bounds.max_depth {
@@ -420,6 +423,7 @@ mod tests {
                 max_depth,
                 max_depth_per_bucket: max_depth,
                 interactive_reserve: reserve,
+                refill_margin: Duration::ZERO,
                 depth: AtomicUsize::new(0),
             }),
         ))

@@ -7,13 +7,17 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use http::{header, HeaderValue};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::estimate::{OutputDefaults, Tokenizers};
+use crate::limiter::Limiter;
 use crate::metrics::Metrics;
+use crate::org::Orgs;
 use crate::proxy;
 use crate::upstream::Upstream;
 
@@ -22,16 +26,42 @@ pub struct AppState {
     pub config: Config,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    pub orgs: Orgs,
+    pub limiter: Limiter,
+    pub tokenizers: Arc<Tokenizers>,
+    pub output_defaults: OutputDefaults,
     draining: AtomicBool,
+}
+
+/// The BPE tables take a moment to build and never change: built once per process and
+/// shared by every server in it (tests start many).
+static TOKENIZERS: std::sync::OnceLock<Arc<Tokenizers>> = std::sync::OnceLock::new();
+
+/// The process's tokenizers, built on first call (the binary calls this before starting its
+/// runtime, so it can warm every runtime thread).
+pub fn tokenizers() -> Result<Arc<Tokenizers>, StartError> {
+    if let Some(built) = TOKENIZERS.get() {
+        return Ok(Arc::clone(built));
+    }
+    let built = Arc::new(Tokenizers::new().map_err(|err| StartError::Tokenizers(err.to_string()))?);
+    Ok(Arc::clone(TOKENIZERS.get_or_init(|| built)))
 }
 
 impl AppState {
     pub fn new(config: Config) -> Result<Self, StartError> {
         let upstream = Upstream::new(&config.upstream).map_err(StartError::UpstreamClient)?;
+        let output_defaults = OutputDefaults::new(
+            config.estimate.output_tokens_by_model.clone(),
+            config.estimate.default_output_tokens,
+        );
         Ok(Self {
-            config,
             upstream,
             metrics: Arc::new(Metrics::new()),
+            orgs: Orgs::new(&config.orgs),
+            limiter: Limiter::new(&config.queue),
+            tokenizers: tokenizers()?,
+            output_defaults,
+            config,
             draining: AtomicBool::new(false),
         })
     }
@@ -43,6 +73,8 @@ pub enum StartError {
     UpstreamClient(reqwest::Error),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("could not load the tokenizer tables: {0}")]
+    Tokenizers(String),
 }
 
 /// The router: operational endpoints, and everything else through the proxy.
@@ -88,6 +120,13 @@ pub async fn serve(
     let drain_timeout = state.config.server.drain_timeout;
     let (drain_started, drain_signal) = tokio::sync::oneshot::channel::<()>();
     let draining_state = Arc::clone(&state);
+    // Small writes (SSE events, short JSON answers) must leave at once, not wait on Nagle's
+    // algorithm for the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
         shutdown.await;
         draining_state.draining.store(true, Ordering::Relaxed);

@@ -252,16 +252,22 @@ async fn client_disconnect_while_waiting_cancels_the_upstream_request() {
         times: 1,
     });
     let sluice = Sluice::start(&mock.url()).await;
-    let result = reqwest::Client::builder()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap()
-        .post(sluice.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&chat_body(false))
-        .send()
-        .await;
-    assert!(result.is_err(), "the client gave up");
+    let request = tokio::spawn(
+        client()
+            .post(sluice.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&chat_body(false))
+            .send(),
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the request to reach the mock",
+        || mock.stats().in_flight == 1,
+    )
+    .await;
+    // The client gives up while the upstream is still working on the request.
+    request.abort();
+    assert!(request.await.is_err_and(|err| err.is_cancelled()));
     eventually(
         Duration::from_secs(2),
         "the mock to see the cancellation",

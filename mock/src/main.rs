@@ -53,9 +53,26 @@ impl Args {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    // tiktoken keeps a regex per thread whose cache is built on first use (hundreds of
+    // milliseconds): warm it on every runtime thread so no request pays for it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(|| {
+            tiktoken_rs::o200k_base_singleton().encode_ordinary("warm up: words 123, 漢字 😀!");
+        })
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve(args)),
+        Err(err) => {
+            eprintln!("mock-openai: cannot start the runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> ExitCode {
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(err) => {

@@ -56,6 +56,12 @@ impl MockServer {
     /// Starts serving on `listener`. Must be called within a tokio runtime.
     pub async fn start_on(listener: TcpListener, config: MockConfig) -> io::Result<MockServer> {
         let addr = listener.local_addr()?;
+        // Build the tokenizer tables before the first request rather than during it.
+        tokio::task::spawn_blocking(|| {
+            tiktoken_rs::o200k_base_singleton();
+        })
+        .await
+        .map_err(io::Error::other)?;
         let state = Arc::new(App::new(config));
         let (shutdown, stopped) = oneshot::channel::<()>();
         // Small SSE writes must not wait for delayed ACKs.

@@ -1,11 +1,22 @@
-//! The mock's token "truth": a cheap, deterministic heuristic, not a real tokenizer. Clients are
-//! expected to estimate differently and correct themselves from the `usage` that comes back.
+//! The mock's token "truth": real `o200k_base` counts (the encoding of every current OpenAI
+//! chat model), arranged the way OpenAI's own examples count chat prompts. Images, audio and
+//! tools are not counted, so a client's estimate is at or above the mock's usage, as it
+//! should be against the real service.
 
 use serde_json::Value;
 
-/// Tokens of a text: one per 4 characters, rounded up (so at least 1 when non-empty).
+/// Above this, text is counted at one token per 4 bytes instead: BPE merging is quadratic in
+/// the length of a single piece, and the mock must stay fast on adversarial test prompts.
+const EXACT_COUNT_LIMIT: usize = 64 * 1024;
+
+/// Tokens of a text with `o200k_base` (the tables are built once, on first use).
 pub(crate) fn text_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4)
+    if text.len() > EXACT_COUNT_LIMIT {
+        return (text.len() as u64).div_ceil(4);
+    }
+    tiktoken_rs::o200k_base_singleton()
+        .encode_ordinary(text)
+        .len() as u64
 }
 
 /// A message content: a string, or an array of parts of which those with a `text` count (each
@@ -96,12 +107,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn text_is_a_quarter_of_its_characters_rounded_up() {
+    fn text_is_counted_with_o200k() {
         assert_eq!(text_tokens(""), 0);
-        assert_eq!(text_tokens("a"), 1);
-        assert_eq!(text_tokens("abcd"), 1);
-        assert_eq!(text_tokens("abcde"), 2);
-        assert_eq!(text_tokens("ééééé"), 2);
+        assert_eq!(text_tokens("hello world"), 2);
+        assert_eq!(text_tokens("hello"), 1);
+        // Past the exact-count limit: a quarter of the bytes, rounded up.
+        assert_eq!(
+            text_tokens(&"a".repeat(EXACT_COUNT_LIMIT + 2)),
+            (EXACT_COUNT_LIMIT as u64 + 2).div_ceil(4)
+        );
     }
 
     #[test]
@@ -111,23 +125,32 @@ mod tests {
             {"role": "user", "name": "bob", "content": [{"type": "text", "text": "hello"}, {"type": "image_url", "image_url": {"url": "x"}}]},
         ]);
         let messages = messages.as_array().expect("array literal");
-        // (3 + 2 + 2) + (3 + 1 + 2 + 1 + 1) + 3
-        assert_eq!(chat_tokens(messages), 18);
+        let t = text_tokens;
+        let expected =
+            (3 + t("system") + t("be brief")) + (3 + t("user") + t("hello") + t("bob") + 1) + 3;
+        assert_eq!(chat_tokens(messages), expected);
     }
 
     #[test]
     fn responses_count_instructions_and_input_as_messages() {
-        // (3 + 2 + 1) + (3 + 1 + 3) + 3
+        let t = text_tokens;
         let request = json!({"instructions": "be", "input": "hello world"});
-        assert_eq!(responses_tokens(&request), 16);
+        assert_eq!(
+            responses_tokens(&request),
+            (3 + t("system") + t("be")) + (3 + t("user") + t("hello world")) + 3
+        );
         let request = json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "hello"}]}]});
-        assert_eq!(responses_tokens(&request), 3 + 1 + 2 + 3);
+        assert_eq!(responses_tokens(&request), 3 + t("user") + t("hello") + 3);
     }
 
     #[test]
     fn inputs_of_every_shape() {
-        assert_eq!(input_tokens(&json!("hello world")), (3, 1));
-        assert_eq!(input_tokens(&json!(["abcd", "abcdefgh"])), (3, 2));
+        let t = text_tokens;
+        assert_eq!(input_tokens(&json!("hello world")), (2, 1));
+        assert_eq!(
+            input_tokens(&json!(["abcd", "abcdefgh"])),
+            (t("abcd") + t("abcdefgh"), 2)
+        );
         assert_eq!(input_tokens(&json!([1, 2, 3])), (3, 1));
         assert_eq!(input_tokens(&json!([[1, 2], [3]])), (3, 2));
     }

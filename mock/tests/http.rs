@@ -88,8 +88,8 @@ async fn chat_completion_has_headers_and_usage() {
     assert_eq!(header(&response, "x-ratelimit-limit-requests"), "10000");
     assert_eq!(header(&response, "x-ratelimit-remaining-requests"), "9999");
     assert_eq!(header(&response, "x-ratelimit-limit-tokens"), "10000000");
-    // 3 + 1 ("user") + 3 ("hello there") + 3 = 10 prompt tokens, plus the cap of 100.
-    assert_eq!(header(&response, "x-ratelimit-remaining-tokens"), "9999890");
+    // 3 + 1 ("user") + 2 ("hello there", o200k) + 3 = 9 prompt tokens, plus the cap of 100.
+    assert_eq!(header(&response, "x-ratelimit-remaining-tokens"), "9999891");
     assert_eq!(header(&response, "x-ratelimit-reset-requests"), "6ms");
     assert!(header(&response, "x-request-id").starts_with("req_"));
     header(&response, "openai-processing-ms");
@@ -105,9 +105,9 @@ async fn chat_completion_has_headers_and_usage() {
     );
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     assert_eq!(body["choices"][0]["logprobs"], Value::Null);
-    assert_eq!(body["usage"]["prompt_tokens"], 10);
+    assert_eq!(body["usage"]["prompt_tokens"], 9);
     assert_eq!(body["usage"]["completion_tokens"], 16);
-    assert_eq!(body["usage"]["total_tokens"], 26);
+    assert_eq!(body["usage"]["total_tokens"], 25);
     server.shutdown().await;
 }
 
@@ -144,7 +144,7 @@ async fn stream_with_include_usage_ends_with_usage_then_done() {
     assert_eq!(chunks[4]["choices"][0]["finish_reason"], "stop");
     assert_eq!(chunks[5]["choices"], json!([]));
     assert_eq!(chunks[5]["usage"]["completion_tokens"], 3);
-    assert_eq!(chunks[5]["usage"]["prompt_tokens"], 10);
+    assert_eq!(chunks[5]["usage"]["prompt_tokens"], 9);
     // The client read to the end, so the guard settles a moment later at most.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(server.stats().completed_streams, 1);
@@ -302,9 +302,12 @@ async fn injected_faults() {
     header(&response, "retry-after-ms");
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
-    assert!(body["error"]["message"]
-        .as_str()
-        .is_some_and(|m| m.contains("Requested 2. Please try again in")));
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains(" on tokens per min (TPM): Limit 10000000, Used "),
+        "{message}"
+    );
+    assert!(message.contains(". Please try again in "), "{message}");
     for _ in 0..2 {
         let response = post(&server, "/v1/chat/completions", &chat(json!({}))).await;
         assert_eq!(response.status(), 503);
@@ -564,9 +567,9 @@ async fn other_endpoints() {
     assert_eq!(body["status"], "completed");
     assert_eq!(body["output"][0]["content"][0]["type"], "output_text");
     assert_eq!(body["output"][0]["content"][0]["text"], "tok0");
-    assert_eq!(body["usage"]["input_tokens"], 10);
+    assert_eq!(body["usage"]["input_tokens"], 9);
     assert_eq!(body["usage"]["output_tokens"], 1);
-    assert_eq!(body["usage"]["total_tokens"], 11);
+    assert_eq!(body["usage"]["total_tokens"], 10);
     assert_eq!(body["usage"]["input_tokens_details"]["cached_tokens"], 0);
 
     let response = post(

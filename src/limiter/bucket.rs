@@ -126,10 +126,24 @@ pub enum Shortfall {
 pub struct Bucket {
     meters: Vec<Meter>,
     updated: Instant,
+    /// Seconds of refill left unused (see [`Bucket::with_margin`]).
+    margin: f64,
 }
 
 impl Bucket {
-    /// A full bucket with the given limits.
+    /// A full bucket that leaves `margin` worth of refill unused on every admission.
+    ///
+    /// The upstream charges a request when it arrives there, a moment after sluice admitted
+    /// it; at the start of a burst its full bucket is not refilling during that moment while
+    /// sluice's already is. Keeping a fraction of a second of refill in hand keeps sluice
+    /// behind the upstream rather than a few tokens ahead of it.
+    pub fn with_margin(limits: &Limits, margin: Duration, now: Instant) -> Self {
+        let mut bucket = Self::new(limits, now);
+        bucket.margin = margin.as_secs_f64();
+        bucket
+    }
+
+    /// A full bucket with the given limits and no margin.
     pub fn new(limits: &Limits, now: Instant) -> Self {
         let mut meters = Vec::with_capacity(4);
         for (limit, resource, window) in [
@@ -145,6 +159,7 @@ impl Bucket {
         Self {
             meters,
             updated: now,
+            margin: 0.0,
         }
     }
 
@@ -191,9 +206,9 @@ impl Bucket {
                     window: meter.window,
                 });
             }
-            // A request bigger than the unreserved share may still use the reserve: otherwise
-            // it could never run at all. It waits for a full bucket instead.
-            let floor = meter.floor(keep).min(meter.capacity - amount);
+            // A request bigger than the unreserved share may still use the reserve (and the
+            // margin): otherwise it could never run at all. It waits for a full bucket instead.
+            let floor = (meter.floor(keep) + meter.rate * self.margin).min(meter.capacity - amount);
             let seconds = meter.seconds_until(amount, floor);
             if seconds > 0.0 && longest.is_none_or(|(s, _)| seconds > s) {
                 longest = Some((seconds, meter.resource));
@@ -215,7 +230,10 @@ impl Bucket {
         let seconds = self
             .meters
             .iter()
-            .map(|meter| meter.seconds_until(cost.of(meter.resource), meter.floor(keep)))
+            .map(|meter| {
+                let floor = meter.floor(keep) + meter.rate * self.margin;
+                meter.seconds_until(cost.of(meter.resource), floor)
+            })
             .fold(0.0, f64::max);
         duration_from_secs(seconds)
     }
@@ -275,6 +293,7 @@ impl Bucket {
     pub fn set_limits(&mut self, limits: &Limits, now: Instant) {
         self.refill(now);
         let mut next = Self::new(limits, now);
+        next.margin = self.margin;
         for meter in &mut next.meters {
             if let Some(old) = self
                 .meters
@@ -455,6 +474,24 @@ mod tests {
         assert_eq!(bucket.limit(Resource::Tokens), Some(500));
         bucket.set_limits(&limits(100, 2000), t0);
         assert_eq!(bucket.available(Resource::Tokens, t0), Some(1600.0));
+    }
+
+    #[test]
+    fn the_margin_leaves_some_refill_unused() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::with_margin(&limits(60, 6000), Duration::from_millis(500), t0);
+        bucket
+            .try_take(Cost::request(6000), 0.0, t0)
+            .expect("a full-size request still fits");
+        // 100 tokens refill per second; 100 wanted plus half a second in hand: 1.5 s.
+        assert_eq!(
+            bucket.wait_for(Cost::request(100), 0.0, t0),
+            Ok(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            bucket.projected_wait(Cost::request(200), 0.0, t0),
+            Duration::from_millis(2500)
+        );
     }
 
     #[test]

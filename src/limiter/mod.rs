@@ -35,6 +35,7 @@ impl Limiter {
                 max_depth: config.max_depth,
                 max_depth_per_bucket: config.max_depth_per_bucket,
                 interactive_reserve: config.interactive_reserve,
+                refill_margin: config.refill_margin,
                 depth: AtomicUsize::new(0),
             }),
         }

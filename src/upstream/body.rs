@@ -1,12 +1,81 @@
 //! A response body wrapper that reports, exactly once, how the body ended: completely, with
 //! an error, or cancelled because the client went away and the body was dropped. This is
 //! where a streamed exchange is settled and recorded, since its handler returned long before.
+//! On the way it can read the usage the upstream reports, from a JSON body or an SSE stream.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+
+use crate::endpoint::Endpoint;
+use crate::upstream::usage::{usage_from_json, SseUsage, Usage};
+
+/// JSON bodies larger than this are not kept for usage extraction: the reservation then stays
+/// at its estimate. Chat and completion responses are a few KiB; only huge embedding batches
+/// exceed it.
+const MAX_JSON_COPY: usize = 1 << 20;
+
+/// Reads the usage out of a response body as it passes.
+pub enum UsageTap {
+    /// A complete JSON body: a copy is kept (up to [`MAX_JSON_COPY`]) and parsed at the end.
+    Json {
+        endpoint: Endpoint,
+        copy: BytesMut,
+        overflowed: bool,
+    },
+    /// An SSE stream, scanned event by event; may strip the usage chunk sluice asked for.
+    Sse(SseUsage),
+}
+
+impl UsageTap {
+    pub fn json(endpoint: Endpoint) -> Self {
+        Self::Json {
+            endpoint,
+            copy: BytesMut::new(),
+            overflowed: false,
+        }
+    }
+
+    fn frame(&mut self, data: Bytes) -> Bytes {
+        match self {
+            Self::Json {
+                copy, overflowed, ..
+            } => {
+                if !*overflowed {
+                    if copy.len() + data.len() > MAX_JSON_COPY {
+                        *overflowed = true;
+                        *copy = BytesMut::new();
+                    } else {
+                        copy.extend_from_slice(&data);
+                    }
+                }
+                data
+            }
+            Self::Sse(scanner) => scanner.feed(data),
+        }
+    }
+
+    fn finish(&mut self) -> Bytes {
+        match self {
+            Self::Json { .. } => Bytes::new(),
+            Self::Sse(scanner) => scanner.finish(),
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        match self {
+            Self::Json {
+                endpoint,
+                copy,
+                overflowed: false,
+            } => usage_from_json(*endpoint, copy),
+            Self::Json { .. } => None,
+            Self::Sse(scanner) => scanner.usage(),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyOutcome {
@@ -18,25 +87,32 @@ pub enum BodyOutcome {
     Cancelled,
 }
 
-/// How a body ended and how many bytes of data it yielded.
+/// How a body ended, how many bytes of data it yielded, and the usage it reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BodyEnd {
     pub outcome: BodyOutcome,
     pub bytes: u64,
+    pub usage: Option<Usage>,
 }
 
-/// Wraps `B`, counts its data bytes and calls `on_end` once when it ends, fails or is dropped.
+/// Wraps `B`, counts its data bytes, optionally reads usage through a [`UsageTap`], and calls
+/// `on_end` once when it ends, fails or is dropped.
 pub struct ObservedBody<B, F: FnOnce(BodyEnd)> {
     inner: B,
     bytes: u64,
+    tap: Option<UsageTap>,
+    /// Set once the inner body ended and the tap's held-back bytes were flushed.
+    done: bool,
     on_end: Option<F>,
 }
 
 impl<B, F: FnOnce(BodyEnd)> ObservedBody<B, F> {
-    pub fn new(inner: B, on_end: F) -> Self {
+    pub fn new(inner: B, tap: Option<UsageTap>, on_end: F) -> Self {
         Self {
             inner,
             bytes: 0,
+            tap,
+            done: false,
             on_end: Some(on_end),
         }
     }
@@ -46,6 +122,7 @@ impl<B, F: FnOnce(BodyEnd)> ObservedBody<B, F> {
             on_end(BodyEnd {
                 outcome,
                 bytes: self.bytes,
+                usage: self.tap.as_ref().and_then(UsageTap::usage),
             });
         }
     }
@@ -64,31 +141,75 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.bytes += data.len() as u64;
-                }
-                // hyper stops polling once the size hint says the body is complete, so the
-                // end must be reported here, not only on `None`.
-                if this.inner.is_end_stream() {
-                    this.end(BodyOutcome::Complete);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.end(BodyOutcome::Failed),
-            Poll::Ready(None) => this.end(BodyOutcome::Complete),
-            Poll::Pending => {}
+        if this.done {
+            return Poll::Ready(None);
         }
-        polled
+        loop {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            return match polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let ending = this.inner.is_end_stream();
+                    let frame = match (frame.into_data(), &mut this.tap) {
+                        (Ok(data), Some(tap)) => {
+                            let mut data = tap.frame(data);
+                            if ending {
+                                // hyper stops polling once the body says it is complete, so
+                                // held-back bytes go out with the last frame.
+                                let rest = tap.finish();
+                                if !rest.is_empty() {
+                                    let mut joined = BytesMut::from(&data[..]);
+                                    joined.extend_from_slice(&rest);
+                                    data = joined.freeze();
+                                }
+                            } else if data.is_empty() {
+                                // The tap held the whole chunk back (an incomplete event).
+                                continue;
+                            }
+                            Frame::data(data)
+                        }
+                        (Ok(data), None) => Frame::data(data),
+                        (Err(trailers), _) => trailers,
+                    };
+                    if let Some(data) = frame.data_ref() {
+                        this.bytes += data.len() as u64;
+                    }
+                    if ending {
+                        this.done = true;
+                        this.end(BodyOutcome::Complete);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    this.done = true;
+                    this.end(BodyOutcome::Failed);
+                    Poll::Ready(Some(Err(err)))
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let rest = this.tap.as_mut().map(UsageTap::finish).unwrap_or_default();
+                    this.bytes += rest.len() as u64;
+                    this.end(BodyOutcome::Complete);
+                    if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(rest))))
+                    }
+                }
+                Poll::Pending => Poll::Pending,
+            };
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.tap {
+            // Stripping may change the length; a JSON tap never does.
+            Some(UsageTap::Sse(_)) => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
     }
 }
 
@@ -113,7 +234,7 @@ mod tests {
     #[tokio::test]
     async fn reports_completion_once_with_byte_count() {
         let (seen, on_end) = recorder();
-        let body = ObservedBody::new(Full::new(Bytes::from_static(b"hello")), on_end);
+        let body = ObservedBody::new(Full::new(Bytes::from_static(b"hello")), None, on_end);
         let collected = body.collect().await.expect("infallible").to_bytes();
         assert_eq!(collected, "hello");
         let seen = seen.lock().expect("test mutex");
@@ -121,7 +242,8 @@ mod tests {
             *seen,
             [BodyEnd {
                 outcome: BodyOutcome::Complete,
-                bytes: 5
+                bytes: 5,
+                usage: None
             }]
         );
     }
@@ -133,13 +255,18 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"abc"))),
             Err(std::io::Error::other("reset")),
         ];
-        let body = ObservedBody::new(StreamBody::new(futures_util::stream::iter(frames)), on_end);
+        let body = ObservedBody::new(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            None,
+            on_end,
+        );
         assert!(body.collect().await.is_err());
         assert_eq!(
             *seen.lock().expect("test mutex"),
             [BodyEnd {
                 outcome: BodyOutcome::Failed,
-                bytes: 3
+                bytes: 3,
+                usage: None
             }]
         );
     }
@@ -151,8 +278,11 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"ab"))),
             Ok(Frame::data(Bytes::from_static(b"cd"))),
         ];
-        let mut body =
-            ObservedBody::new(StreamBody::new(futures_util::stream::iter(frames)), on_end);
+        let mut body = ObservedBody::new(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            None,
+            on_end,
+        );
         let first = body.frame().await.expect("a frame").expect("ok");
         assert_eq!(first.into_data().expect("data"), "ab");
         drop(body);
@@ -160,7 +290,8 @@ mod tests {
             *seen.lock().expect("test mutex"),
             [BodyEnd {
                 outcome: BodyOutcome::Cancelled,
-                bytes: 2
+                bytes: 2,
+                usage: None
             }]
         );
     }
