@@ -6,7 +6,10 @@ in front of the same mock as the pure-proxy reference, then drives each with wrk
 completion requests at 50 connections (throughput) and at 1 connection (added latency).
 Everything targets 127.0.0.1, and every run is bounded by --duration.
 
-    python3 bench/load.py [--duration 10] [--skip-build] [--sluice-arg=--config=FILE ...]
+    python3 bench/load.py [--duration 8] [--rounds 3] [--skip-build] [--sluice-arg=--config=FILE ...]
+
+The targets are measured in turn, round after round, and each figure is the median over the
+rounds: on a shared 2-core machine a single run can be off by 30%.
 
 Needs wrk and nginx (installed with apt-get when missing, as root).
 """
@@ -15,6 +18,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -131,9 +135,17 @@ def wrk(addr, connections, duration):
     return rps, lat
 
 
+def median_run(runs):
+    """The median requests/s and the median of each latency percentile over the rounds."""
+    rps = statistics.median(r for r, _ in runs)
+    lat = {pct: statistics.median(l[pct] for _, l in runs) for pct in ("50", "99")}
+    return rps, lat
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--sluice-arg", action="append", default=[], help="extra argument for sluice")
     args = parser.parse_args()
@@ -151,7 +163,7 @@ def main():
         procs.append(mock)
         sluice, sluice_addr = start(
             [RELEASE / "sluice", "--listen", "127.0.0.1:0", "--upstream", f"http://{mock_addr}", *args.sluice_arg],
-            "stderr", workdir / "sluice.log", env={"SLUICE_CONFIG": ""},
+            "stderr", workdir / "sluice.log", env={"SLUICE_CONFIG": "", **({"RUST_LOG": os.environ["SLUICE_RUST_LOG"]} if "SLUICE_RUST_LOG" in os.environ else {})},
         )
         procs.append(sluice)
         nginx, nginx_addr = start_nginx(mock_addr, workdir)
@@ -160,12 +172,16 @@ def main():
         targets = {"mock (direct)": mock_addr, "nginx": nginx_addr, "sluice": sluice_addr}
         for addr in targets.values():  # warm connection pools
             wrk(addr, 50, 2)
-        results = {}
-        for name, addr in targets.items():
-            results[name] = {"c50": wrk(addr, 50, args.duration), "c1": wrk(addr, 1, args.duration)}
+        runs = {name: {"c50": [], "c1": []} for name in targets}
+        for _ in range(args.rounds):
+            for name, addr in targets.items():
+                runs[name]["c50"].append(wrk(addr, 50, args.duration))
+                runs[name]["c1"].append(wrk(addr, 1, args.duration))
+        results = {name: {load: median_run(r) for load, r in loads.items()} for name, loads in runs.items()}
 
         direct = results["mock (direct)"]
-        print(f"\n~1 KB chat completions, {args.duration}s per run, {os.cpu_count()} cores, logs: {workdir}\n")
+        print(f"\n~1 KB chat completions, {args.duration}s per run, median of {args.rounds} rounds, "
+              f"{os.cpu_count()} cores, logs: {workdir}\n")
         print("| target | req/s @50 | p50 @50 | p99 @50 | req/s @1 | p50 @1 | p99 @1 | added p50 @1 |")
         print("|---|---|---|---|---|---|---|---|")
         for name, r in results.items():

@@ -1,7 +1,6 @@
 //! Throughput of `estimate()` on chat requests whose prompt is natural prose or one character
 //! repeated (the input that makes tiktoken's per-piece work superlinear), from 200 B to 1 MB;
-//! and sluice's segmented count against the naive baseline, tiktoken's `encode_ordinary` on
-//! the whole text.
+//! and sluice's count (bpe-openai) against the baseline, tiktoken-rs's `encode_ordinary`.
 //!
 //! `cargo bench --bench estimate -- --warm-up-time 1 --measurement-time 3`
 
@@ -173,9 +172,9 @@ fn estimate_chat(c: &mut Criterion) {
     group.finish();
 }
 
-/// Segmented counting against tiktoken's `encode_ordinary` on the whole text: the same on
-/// prose, and on runs of one character the gap widens with length (at 1 MB, tiktoken takes
-/// about half a second, and panics on spaces under o200k).
+/// sluice's count (bpe-openai) against tiktoken-rs's `encode_ordinary`: faster on prose, and
+/// on runs of one character the gap widens with length (at 1 MB, tiktoken takes about half a
+/// second, and panics on spaces under o200k).
 fn count_vs_naive(c: &mut Criterion) {
     let tokenizers = Tokenizers::new().expect("the embedded tables load");
     let naive = tiktoken_rs::o200k_base().expect("the embedded table loads");
@@ -194,7 +193,7 @@ fn count_vs_naive(c: &mut Criterion) {
         } else {
             group.sampling_mode(SamplingMode::Auto).sample_size(100);
         }
-        group.bench_with_input(BenchmarkId::new("segmented", kind), text, |b, text| {
+        group.bench_with_input(BenchmarkId::new("bpe_openai", kind), text, |b, text| {
             b.iter(|| tokenizers.count(Encoding::O200kBase, black_box(text)))
         });
         group.bench_with_input(

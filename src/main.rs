@@ -71,7 +71,8 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(err) => return report_config_error(&err),
     };
-    init_tracing(config.log_format);
+    // Dropped at the end of main, which flushes every log line still queued.
+    let _log_writer = init_tracing(config.log_format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -111,15 +112,23 @@ fn report_config_error(err: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr through a background writer thread: a request never waits on the log's
+/// write (a synchronous write per access line cost ~60 µs of latency in the load benchmark).
+/// The writer is lossless: if the log cannot keep up, requests wait rather than lines vanish.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("sluice-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Pretty => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+    guard
 }
 
 /// Resolves on SIGINT or SIGTERM (Ctrl-C elsewhere).

@@ -86,7 +86,13 @@ async fn forward(
     record.identity(&identity.org, identity.priority);
 
     let mut admission = None;
-    if let RequestBody::Read(bytes) = &body {
+    // Only a request that spends from a limited bucket is estimated: an org without limits
+    // (or a key no org lists) has nothing to charge.
+    let limited = identity
+        .config
+        .as_ref()
+        .is_some_and(|org| !org.limits.is_empty());
+    if let (RequestBody::Read(bytes), true) = (&body, limited) {
         let estimate = estimate_cost(state, endpoint, bytes).await?;
         record.estimate(
             &estimate.model,
@@ -302,18 +308,29 @@ fn relay(
     }
     let accounting = state.config.upstream.accounting;
     let body = ObservedBody::new(reqwest::Body::from(upstream), tap, move |end: BodyEnd| {
-        if let Some(admitted) = admission {
-            settle(admitted, status, &end, accounting);
-        }
-        if let Some(usage) = end.usage {
-            record.usage(usage.prompt_tokens, usage.completion_tokens);
-        }
-        let error = match end.outcome {
-            BodyOutcome::Complete => None,
-            BodyOutcome::Failed => Some("upstream_body_failed"),
-            BodyOutcome::Cancelled => Some("client_cancelled"),
+        let finish = move || {
+            if let Some(admitted) = admission {
+                settle(admitted, status, &end, accounting);
+            }
+            if let Some(usage) = end.usage {
+                record.usage(usage.prompt_tokens, usage.completion_tokens);
+            }
+            let error = match end.outcome {
+                BodyOutcome::Complete => None,
+                BodyOutcome::Failed => Some("upstream_body_failed"),
+                BodyOutcome::Cancelled => Some("client_cancelled"),
+            };
+            record.finish(status, end, error);
         };
-        record.finish(status, end, error);
+        // The body reports its end while handing its last bytes to the server: settling and
+        // logging in a task of their own lets those bytes leave first. Outside a runtime (it
+        // is shutting down) they run here.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { finish() });
+            }
+            Err(_) => finish(),
+        }
     });
     let mut response = Response::new(Body::new(body));
     *response.status_mut() = status;

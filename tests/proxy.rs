@@ -482,14 +482,22 @@ async fn health_readiness_and_metrics() {
         .bytes()
         .await
         .unwrap();
-    let metrics = client()
-        .get(sluice.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The exchange is recorded just after its last byte leaves: poll briefly.
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = client()
+            .get(sluice.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("sluice_requests_in_flight 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         metrics.contains("sluice_requests_total{endpoint=\"chat_completions\",status=\"200\"} 1"),
         "{metrics}"

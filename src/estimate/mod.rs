@@ -9,10 +9,10 @@
 //! text; the limiter corrects the prompt estimate from the usage that comes back.
 //!
 //! Everything here is pure and synchronous. The [`Tokenizers`] are built once at start-up;
-//! counting is linear in the text, even on text built to be slow (see `segment.rs`).
+//! counting (bpe-openai, identical to tiktoken's counts) is linear in the text, even on text
+//! built to be slow.
 //!
 //! - `tokenizer`: model -> encoding, and counting.
-//! - `segment`: cutting text so that counting stays linear.
 //! - `output`: output tokens reserved, and the per-model defaults.
 //! - `chat`, `responses`, `completions`: prompt tokens per endpoint.
 
@@ -20,7 +20,6 @@ mod chat;
 mod completions;
 mod output;
 mod responses;
-mod segment;
 mod tokenizer;
 
 use serde::Deserialize;
