@@ -772,6 +772,58 @@ mod tests {
     }
 
     #[test]
+    fn shipped_org_example_is_valid_once_uncommented() {
+        let text = include_str!("../config/sluice.toml");
+        let start = text.find("# [[org]]").expect("the example has an org");
+        let example: String = text[start..]
+            .lines()
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            // keys_env needs a variable set; the other key forms are checked here.
+            .filter(|line| !line.starts_with("keys_env"))
+            .map(|line| {
+                line.replace("\"sk-...\"", "\"sk-a\"")
+                    .replace("\"sk-batch-...\"", "\"sk-b\"")
+                    .replace("\"<64 hex digits>\"", &format!("\"{}\"", "0".repeat(64)))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = parse(&example).expect("the org example is valid");
+        let org = &config.orgs[0];
+        assert_eq!(org.name, "acme");
+        assert_eq!(org.key_hashes.len(), 3);
+        assert_eq!(
+            org.limits_for("gpt-4o-mini").and_then(|l| l.tpm),
+            Some(200_000)
+        );
+        assert_eq!(
+            org.limits_for("gpt-4.1").and_then(|l| l.tpd),
+            Some(90_000_000)
+        );
+    }
+
+    #[test]
+    fn org_validation_names_every_problem() {
+        let err = parse(
+            "[[org]]\nname = \"key-x\"\nkeys = [\"sk-1\"]\n[org.limits.\"*\"]\nrpm = 0\n\
+             [[org]]\nname = \"b\"\nkeys = [\"sk-1\"]\nkey_sha256 = [\"zz\"]\nkeys_env = \"SLUICE_TEST_UNSET_VAR\"\n\
+             [org.limits.\"gpt-4o\"]\n",
+        )
+        .expect_err("invalid orgs");
+        let keys = keys(err);
+        assert_eq!(
+            keys,
+            [
+                "org[0].name",
+                "org[0].limits.*.rpm",
+                "org[1].keys[0]",
+                "org[1].keys_env",
+                "org[1].key_sha256[0]",
+                "org[1].limits.gpt-4o",
+            ]
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named_by_path() {
         let err = parse("[upstream]\nurll = \"http://x\"\n").expect_err("unknown key");
         assert_eq!(err.issues.len(), 1);
