@@ -139,23 +139,24 @@ async fn forward(
         .body(upstream_body)
         .send();
     record.upstream_sent();
-    // Dropping this future (the client went away) drops the upstream request with it.
+    // From here the provider may count the request, even if the client goes away meanwhile
+    // (dropping this future, and the upstream request with it).
+    if let Some(admitted) = &mut admission {
+        admitted.reservation.reached_upstream();
+    }
     let response = match pending.await {
         Ok(response) => response,
         Err(err) => {
-            // A request that never connected did not reach the upstream and is refunded (by
-            // dropping the reservation); any other failure may have been counted upstream.
-            if !err.is_connect() {
-                if let Some(admitted) = &mut admission {
-                    admitted.reservation.reached_upstream();
+            // A refused connection never reached the upstream: give the budget back. Any
+            // other failure may have been counted there, so it stays spent.
+            if err.is_connect() {
+                if let Some(admitted) = admission {
+                    admitted.reservation.refund();
                 }
             }
             return Err(ProxyError::from_upstream(&err));
         }
     };
-    if let Some(admitted) = &mut admission {
-        admitted.reservation.reached_upstream();
-    }
     record.upstream_headers();
     Ok((response, admission))
 }

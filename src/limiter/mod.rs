@@ -126,6 +126,12 @@ impl Reservation {
         self.reached_upstream = true;
     }
 
+    /// Gives the whole reservation back: the request turned out never to reach the upstream
+    /// (its connection was refused).
+    pub fn refund(mut self) {
+        self.reached_upstream = false;
+    }
+
     /// Corrects the reservation by `delta` tokens once the actual usage is known: positive is
     /// charged (debt if the bucket is short), negative refunded.
     pub fn settle(mut self, delta: i64) {
@@ -184,6 +190,7 @@ pub fn settlement(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn reserved_accounting_keeps_the_cap_and_corrects_the_prompt() {
@@ -195,6 +202,72 @@ mod tests {
         assert_eq!(settlement(charged, 90, 200, Accounting::Reserved), -10);
         assert_eq!(settlement(charged, 130, 200, Accounting::Reserved), 30);
         assert_eq!(settlement(charged, 90, 200, Accounting::Actual), -10 - 3800);
+    }
+
+    fn limiter() -> Limiter {
+        Limiter::new(&QueueConfig {
+            max_wait: Duration::from_secs(60),
+            max_depth: 10,
+            max_depth_per_bucket: 10,
+            interactive_reserve: 0.0,
+            client_timeout_margin: Duration::from_secs(2),
+            refill_margin: Duration::ZERO,
+        })
+    }
+
+    fn tpm(tokens: u64) -> Limits {
+        Limits {
+            tpm: Some(tokens),
+            ..Limits::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_has_exactly_two_exits() {
+        use bucket::Resource;
+        let limiter = limiter();
+        let org: Arc<str> = Arc::from("acme");
+        let far = Instant::now() + Duration::from_secs(60);
+        let admit = |tokens| {
+            limiter.admit(
+                &org,
+                "m",
+                tpm(1000),
+                Cost::request(tokens),
+                Priority::Interactive,
+                far,
+            )
+        };
+        let tokens = || {
+            limiter
+                .bucket(&org, "m", tpm(1000))
+                .available(Resource::Tokens)
+        };
+
+        // Dropped before reaching the upstream: refunded.
+        drop(admit(600).await.expect("fits"));
+        assert_eq!(tokens(), Some(1000.0));
+        // Refused connection: refunded, even after being marked as sent.
+        let mut reservation = admit(600).await.expect("fits");
+        reservation.reached_upstream();
+        reservation.refund();
+        assert_eq!(tokens(), Some(1000.0));
+        // Reached the upstream, then dropped without usage: stays spent.
+        let mut reservation = admit(600).await.expect("fits");
+        reservation.reached_upstream();
+        drop(reservation);
+        assert_eq!(tokens(), Some(400.0));
+        // Settled: usage above the estimate is debt, below it a refund.
+        admit(300).await.expect("fits").settle(250);
+        assert_eq!(tokens(), Some(-150.0));
+        // Debt is paid back by the refill like any other spending: 30 s at 1000/min is 500.
+        let before = tokens().expect("limited");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let after = tokens().expect("limited");
+        assert!((after - before - 500.0).abs() < 1e-6, "{before} -> {after}");
+        assert!((after - 350.0).abs() < 1e-6, "{after}");
+        admit(300).await.expect("fits").settle(-100);
+        assert!((tokens().expect("limited") - 150.0).abs() < 1e-6);
     }
 
     #[test]

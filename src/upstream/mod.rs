@@ -72,8 +72,9 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// The client's headers as they go upstream: end-to-end ones only, `Host` dropped (the client
-/// sets the upstream's), and `Content-Length` dropped when sluice re-sends a body it read
-/// whole (the client recomputes it). Authorization and every custom header pass unchanged.
+/// sets the upstream's), `Content-Length` dropped when sluice re-sends a body it read whole
+/// (the client recomputes it), and sluice's own `x-sluice-*` controls kept to itself.
+/// Authorization and every other custom header pass unchanged.
 pub fn request_headers(incoming: &HeaderMap, body_was_read: bool) -> HeaderMap {
     let listed = connection_listed(incoming);
     let mut out = HeaderMap::with_capacity(incoming.len());
@@ -81,6 +82,7 @@ pub fn request_headers(incoming: &HeaderMap, body_was_read: bool) -> HeaderMap {
         if is_hop_by_hop(name, &listed)
             || name == header::HOST
             || (body_was_read && name == header::CONTENT_LENGTH)
+            || name.as_str().starts_with("x-sluice-")
         {
             continue;
         }
@@ -131,6 +133,8 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("content-length", "12"),
             ("te", "trailers"),
+            ("x-sluice-priority", "batch"),
+            ("x-sluice-max-wait", "3"),
         ]);
         let out = request_headers(&incoming, true);
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
