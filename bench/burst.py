@@ -2,9 +2,11 @@
 """Burst benchmark for admission control (run by hand, not in CI).
 
 Drives release builds of sluice and the mock upstream (enforcing the same limits) with the
-official openai SDK, retries off, and reports for each burst: how long it took against the
-schedule the limit allows, whether every request succeeded, how many 429s the upstream sent,
-and how long a second org's single request took while the burst was queued.
+official openai SDK, retries off, from several client processes starting together, and
+reports for each burst: when its last request was admitted (sent + x-sluice-queue-ms) and
+answered, against the schedule the limit allows; whether every request succeeded; how many
+429s the upstream sent; and how long a second org's single request (timed by curl, in its own
+process) took half a second into the burst.
 
     .venv/bin/python bench/burst.py [--skip-build]
 
@@ -14,6 +16,7 @@ Needs the test virtualenv (`make venv`). Targets 127.0.0.1 only; every burst is 
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -49,26 +52,24 @@ def run_burst(name, rpm, tpm, count, messages, max_tokens, workdir):
         "stderr", workdir / f"{name}-sluice.log", env={"RUST_LOG": "info,sluice::access=warn"},
     )
     try:
-        async def go():
-            base = f"http://{sluice_addr}/v1"
-            async with openai.AsyncOpenAI(base_url=base, api_key=KEY_A, max_retries=0, timeout=300) as acme, \
-                    openai.AsyncOpenAI(base_url=base, api_key=KEY_B, max_retries=0, timeout=300) as other:
-                async def one():
-                    try:
-                        r = await acme.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=max_tokens)
-                        return r.usage.prompt_tokens
-                    except openai.APIError as err:
-                        return err
-                started = time.monotonic()
-                tasks = [asyncio.create_task(one()) for _ in range(count)]
-                await asyncio.sleep(0.5)
-                t0 = time.monotonic()
-                await other.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=max_tokens)
-                other_ms = (time.monotonic() - t0) * 1000
-                results = await asyncio.gather(*tasks)
-                return time.monotonic() - started, other_ms, results
-
-        elapsed, other_ms, results = asyncio.run(go())
+        base = f"http://{sluice_addr}/v1"
+        begin = time.time() + 2.0  # every client process starts sending at this moment
+        shares = [count // CLIENTS + (1 if i < count % CLIENTS else 0) for i in range(CLIENTS)]
+        with multiprocessing.Pool(CLIENTS) as pool:
+            pending = pool.starmap_async(client_share, [(base, n, messages, max_tokens, begin) for n in shares])
+            # Another org's single request, half a second into the burst, timed by curl in its
+            # own process so the burst's client load does not distort it.
+            time.sleep(max(0.0, begin + 0.5 - time.time()))
+            body = json.dumps({"model": "gpt-4o-mini", "messages": messages, "max_tokens": max_tokens})
+            probe = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", f"{base}/chat/completions",
+                 "-H", f"authorization: Bearer {KEY_B}", "-H", "content-type: application/json", "-d", body],
+                capture_output=True, text=True, check=True,
+            ).stdout.split()
+            other_status, other_ms = probe[0], float(probe[1]) * 1000
+            results = [r for share in pending.get(timeout=600) for r in share]
+        elapsed = max(r[1] for r in results) - begin
+        admitted = max(r[0] + r[2] / 1000 for r in results if r[2] is not None) - begin
         with urllib.request.urlopen(f"http://{mock_addr}/_mock/stats", timeout=10) as response:
             stats = json.loads(response.read())
     finally:
@@ -76,16 +77,45 @@ def run_burst(name, rpm, tpm, count, messages, max_tokens, workdir):
             proc.terminate()
             proc.wait(timeout=10)
 
-    failures = [r for r in results if isinstance(r, Exception)]
-    prompt = next((r for r in results if not isinstance(r, Exception)), 0)
-    cost = prompt + max_tokens
+    failures = [r for r in results if r[2] is None]
+    cost = max(r[3] for r in results) + max_tokens
     # The schedule the limit allows: the bucket starts full, then refills at limit/60 per second.
     by_requests = max(0.0, (count - rpm) / (rpm / 60))
     by_tokens = max(0.0, (count * cost - tpm) / (tpm / 60))
     schedule = max(by_requests, by_tokens)
-    ratio = f"{elapsed / schedule:.3f}x" if schedule > 0 else "n/a (fits the bucket)"
-    print(f"| {name} | {count} | {rpm} | {tpm} | {cost} | {schedule:.1f} s | {elapsed:.2f} s | {ratio} | "
-          f"{count - len(failures)}/{count} | {stats['status_counts'].get('429', 0)} | {other_ms:.1f} ms |")
+
+    def ratio(seconds):
+        return f"{seconds / schedule:.3f}x" if schedule > 0 else "n/a"
+
+    print(f"| {name} | {count} | {rpm} | {tpm} | {cost} | {schedule:.1f} s | {admitted:.2f} s ({ratio(admitted)}) | "
+          f"{elapsed:.2f} s ({ratio(elapsed)}) | {count - len(failures)}/{count} | "
+          f"{stats['status_counts'].get('429', 0)} | {other_status} in {other_ms:.1f} ms |")
+
+
+CLIENTS = 4
+
+
+def client_share(base, count, messages, max_tokens, begin):
+    """One client process: `count` concurrent SDK requests from `begin` on. Returns, per
+    request, (sent at, done at, x-sluice-queue-ms or None on failure, prompt tokens)."""
+
+    async def go():
+        async with openai.AsyncOpenAI(base_url=base, api_key=KEY_A, max_retries=0, timeout=300) as acme:
+            async def one():
+                sent = time.time()
+                try:
+                    raw = await acme.chat.completions.with_raw_response.create(
+                        model="gpt-4o-mini", messages=messages, max_tokens=max_tokens
+                    )
+                    usage = raw.parse().usage
+                    return sent, time.time(), int(raw.headers["x-sluice-queue-ms"]), usage.prompt_tokens
+                except openai.APIError:
+                    return sent, time.time(), None, 0
+
+            await asyncio.sleep(max(0.0, begin - time.time()))
+            return await asyncio.gather(*(one() for _ in range(count)))
+
+    return asyncio.run(go())
 
 
 def main():
@@ -99,7 +129,7 @@ def main():
     prose = "Rate limits are enforced per organization and per model over rolling windows. " * 90
     long = [{"role": "system", "content": "Summarize."}, {"role": "user", "content": prose}]
     print(f"logs: {workdir}\n")
-    print("| burst | requests | RPM | TPM | tokens each | schedule | took | took/schedule | succeeded | upstream 429s | other org's request |")
+    print("| burst | requests | RPM | TPM | tokens each | schedule | last admitted | last answered | succeeded | upstream 429s | other org's request |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     run_burst("rpm-200", 600, 10_000_000, 200, short, 5, workdir)
     run_burst("rpm-700", 600, 10_000_000, 700, short, 5, workdir)

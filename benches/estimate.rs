@@ -140,10 +140,22 @@ fn chat_body(prompt: &str) -> Vec<u8> {
     serde_json::to_vec(&body).expect("a Value serializes")
 }
 
+/// `estimate()` with the memo of recent counts off: every iteration tokenizes the prompt, as
+/// for a prompt seen for the first time. (`estimate_chat_repeated` measures the memo hit.)
 fn estimate_chat(c: &mut Criterion) {
+    let tokenizers = Tokenizers::without_memo().expect("the embedded tables load");
+    estimate_group(c, "estimate_chat", &tokenizers);
+}
+
+/// The same prompts seen again, as when a client resends its system prompt and history.
+fn estimate_chat_repeated(c: &mut Criterion) {
     let tokenizers = Tokenizers::new().expect("the embedded tables load");
+    estimate_group(c, "estimate_chat_repeated", &tokenizers);
+}
+
+fn estimate_group(c: &mut Criterion, name: &str, tokenizers: &Tokenizers) {
     let defaults = OutputDefaults::default();
-    let mut group = c.benchmark_group("estimate_chat");
+    let mut group = c.benchmark_group(name);
     for (kind, prompt) in [
         ("natural", prose as fn(usize) -> String),
         ("adversarial", adversarial),
@@ -160,7 +172,7 @@ fn estimate_chat(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(kind, label), &body, |b, body| {
                 b.iter(|| {
                     estimate(
-                        &tokenizers,
+                        tokenizers,
                         Endpoint::ChatCompletions,
                         black_box(body),
                         &defaults,
@@ -176,7 +188,7 @@ fn estimate_chat(c: &mut Criterion) {
 /// on runs of one character the gap widens with length (at 1 MB, tiktoken takes about half a
 /// second, and panics on spaces under o200k).
 fn count_vs_naive(c: &mut Criterion) {
-    let tokenizers = Tokenizers::new().expect("the embedded tables load");
+    let tokenizers = Tokenizers::without_memo().expect("the embedded tables load");
     let naive = tiktoken_rs::o200k_base().expect("the embedded table loads");
     let mut group = c.benchmark_group("count");
     let cases = [
@@ -205,5 +217,5 @@ fn count_vs_naive(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, estimate_chat, count_vs_naive);
+criterion_group!(benches, estimate_chat, estimate_chat_repeated, count_vs_naive);
 criterion_main!(benches);

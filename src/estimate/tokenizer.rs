@@ -65,7 +65,8 @@ pub struct Tokenizers {
     /// o200k_base and differs only in special tokens, which ordinary encoding never produces.
     o200k: &'static Tokenizer,
     cl100k: &'static Tokenizer,
-    memo: CountMemo,
+    /// `None` only in benchmarks that measure the tokenizer itself.
+    memo: Option<CountMemo>,
 }
 
 /// Texts shorter than this are counted directly: hashing them costs about as much.
@@ -127,7 +128,16 @@ impl Tokenizers {
         Ok(Self {
             o200k: bpe_openai::o200k_base(),
             cl100k: bpe_openai::cl100k_base(),
-            memo: CountMemo::new(),
+            memo: Some(CountMemo::new()),
+        })
+    }
+
+    /// The same tables without the memo of recent counts: every count runs the tokenizer.
+    /// For benchmarks, whose repeated inputs would otherwise only measure the memo.
+    pub fn without_memo() -> Result<Self, EstimateError> {
+        Ok(Self {
+            memo: None,
+            ..Self::new()?
         })
     }
 
@@ -136,10 +146,12 @@ impl Tokenizers {
     /// `text`; never panics.
     pub fn count(&self, encoding: Encoding, text: &str) -> u64 {
         let bpe = self.bpe(encoding);
-        if text.len() < MEMO_MIN_BYTES {
-            return bpe.count(text) as u64;
+        match &self.memo {
+            Some(memo) if text.len() >= MEMO_MIN_BYTES => {
+                memo.count(encoding, text, || bpe.count(text) as u64)
+            }
+            _ => bpe.count(text) as u64,
         }
-        self.memo.count(encoding, text, || bpe.count(text) as u64)
     }
 
     /// Counts a sample on the calling thread, so that whatever each thread builds lazily for
@@ -311,7 +323,7 @@ fn cut_point(text: &str, max_len: usize) -> usize {
         for i in 0..(MEMO_SHARD_ENTRIES * MEMO_SHARDS * 2) {
             t.count(Encoding::O200kBase, &format!("{i} {}", "x ".repeat(150)));
         }
-        for shard in &t.memo.shards {
+        for shard in &t.memo.as_ref().expect("memo on by default").shards {
             assert!(shard.lock().expect("test mutex").len() <= MEMO_SHARD_ENTRIES);
         }
     }
