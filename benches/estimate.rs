@@ -217,5 +217,10 @@ fn count_vs_naive(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, estimate_chat, estimate_chat_repeated, count_vs_naive);
+criterion_group!(
+    benches,
+    estimate_chat,
+    estimate_chat_repeated,
+    count_vs_naive
+);
 criterion_main!(benches);

@@ -5,8 +5,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mimalloc::MiMalloc;
 use sluice::config::{Config, ConfigError, LogFormat, Overrides};
 use tracing_subscriber::EnvFilter;
+
+/// Every request allocates many small, short-lived buffers (headers, JSON, body chunks) across
+/// threads; mimalloc serves that pattern with less contention and fewer page faults than the
+/// system allocator (measured with bench/load.py).
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
 
 /// A rate-limit-aware reverse proxy for OpenAI-compatible APIs.
 ///
