@@ -247,3 +247,12 @@ fn kind(value: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests;
+
+/// An o200k counter over the test process's shared tables, for the endpoint modules' tests.
+#[cfg(test)]
+fn test_counter() -> Counter<'static> {
+    Counter {
+        tokenizers: tokenizer::tests::tokenizers(),
+        encoding: Encoding::O200kBase,
+    }
+}

@@ -82,15 +82,10 @@ fn item(counter: &Counter<'_>, item: &Value) -> u64 {
 mod tests {
     use serde_json::json;
 
-    use super::super::tokenizer::tests::tokenizers;
-    use super::super::Encoding;
     use super::*;
 
     fn counter() -> Counter<'static> {
-        Counter {
-            tokenizers: tokenizers(),
-            encoding: Encoding::O200kBase,
-        }
+        super::super::test_counter()
     }
 
     fn tokens(request: Value) -> Result<u64, EstimateError> {
