@@ -931,6 +931,40 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever bytes an upstream sends, in whatever chunks, the scanner never panics and,
+        /// when not stripping, forwards every byte unchanged.
+        #[test]
+        fn garbage_never_panics(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::prop_oneof![
+                        proptest::prelude::any::<u8>(),
+                        proptest::sample::select(b"\r\n:{}[]\"data event usage choices".to_vec()),
+                    ],
+                    0..64,
+                ),
+                0..24,
+            ),
+            strip in proptest::prelude::any::<bool>(),
+            responses in proptest::prelude::any::<bool>(),
+        ) {
+            let endpoint = if responses { Endpoint::Responses } else { Endpoint::ChatCompletions };
+            let mut scanner = SseUsage::new(endpoint, strip);
+            let mut out = Vec::new();
+            for chunk in &chunks {
+                out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(chunk)));
+            }
+            out.extend_from_slice(&scanner.finish());
+            let _ = scanner.usage();
+            let _ = scanner.saw_error();
+            if !strip {
+                let input: Vec<u8> = chunks.concat();
+                proptest::prop_assert_eq!(out, input);
+            }
+        }
+    }
+
+    proptest! {
         #[test]
         fn usage_found_for_any_splitting(
             sep in 0..SEPARATORS.len(),
