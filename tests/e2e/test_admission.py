@@ -14,23 +14,13 @@ KEY_B = "sk-e2e-other-00000000000000000000000"
 
 
 def config(tmp_path, rpm, tpm):
+    """Two orgs with the same limits, one key each."""
     path = tmp_path / "sluice.toml"
     path.write_text(
-        f"""
-[[org]]
-name = "acme"
-keys = ["{KEY_A}"]
-[org.limits."*"]
-rpm = {rpm}
-tpm = {tpm}
-
-[[org]]
-name = "other"
-keys = ["{KEY_B}"]
-[org.limits."*"]
-rpm = {rpm}
-tpm = {tpm}
-"""
+        "".join(
+            f'[[org]]\nname = "{name}"\nkeys = ["{key}"]\n[org.limits."*"]\nrpm = {rpm}\ntpm = {tpm}\n\n'
+            for name, key in (("acme", KEY_A), ("other", KEY_B))
+        )
     )
     return path
 
