@@ -38,6 +38,19 @@ const DEFAULT_OUTPUT_TOKENS: u64 = 1024;
 /// A request reaches the upstream tens of milliseconds after admission; a quarter second of
 /// refill in hand covers that with room to spare for a slow network.
 const DEFAULT_REFILL_MARGIN_SECS: f64 = 0.25;
+/// Upstream attempts per request, the first included: enough to ride out a pause or two and a
+/// transient 5xx, few enough that a request does not bounce for minutes.
+const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+const DEFAULT_CIRCUIT_THRESHOLD: u32 = 3;
+/// At most a fifth of the traffic may be retries of failures (tower's default share).
+const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.2;
+const DEFAULT_RETRY_BUDGET_MIN_PER_SEC: u32 = 5;
+/// The official SDKs' own backoff: 0.5 s doubling up to 8 s.
+const DEFAULT_BACKOFF_BASE_SECS: f64 = 0.5;
+const DEFAULT_BACKOFF_MAX_SECS: f64 = 8.0;
+/// Quota errors do not clear by themselves; a minute spares the upstream a call per request
+/// while someone fixes billing, and a fixed org is back soon after.
+const DEFAULT_QUOTA_COOLDOWN_SECS: f64 = 60.0;
 
 /// The validated configuration sluice runs with.
 #[derive(Clone, Debug)]
@@ -47,8 +60,26 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub server: ServerConfig,
     pub queue: QueueConfig,
+    pub retry: RetryConfig,
     pub estimate: EstimateConfig,
     pub orgs: Vec<OrgConfig>,
+}
+
+/// What sluice does with the upstream's 429s and failures.
+#[derive(Clone, Debug)]
+pub struct RetryConfig {
+    /// Upstream attempts per request, the first included (429 re-sends and 5xx retries).
+    pub max_attempts: u32,
+    /// Consecutive 429s on a bucket that open its circuit.
+    pub circuit_threshold: u32,
+    /// Share of requests (0..=1) that may be retried after a 5xx or a connection failure.
+    pub budget_ratio: f64,
+    /// Retries per second allowed whatever the traffic.
+    pub budget_min_per_sec: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How long an org that hit a quota error is answered with it without calling upstream.
+    pub quota_cooldown: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -62,6 +93,9 @@ pub struct UpstreamConfig {
     pub read_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub accounting: Accounting,
+    /// Learn the limits of buckets with none configured from the upstream's headers (and
+    /// send their first request alone to do so).
+    pub learn_limits: bool,
 }
 
 /// How the upstream counts a request against its token limit, and so what sluice settles.
@@ -160,6 +194,8 @@ struct RawConfig {
     #[serde(default)]
     queue: RawQueue,
     #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
     estimate: RawEstimate,
     #[serde(default)]
     org: Vec<RawOrg>,
@@ -174,6 +210,18 @@ struct RawQueue {
     interactive_reserve: Option<f64>,
     client_timeout_margin_secs: Option<f64>,
     refill_margin_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    circuit_breaker_threshold: Option<u32>,
+    budget_ratio: Option<f64>,
+    budget_min_per_sec: Option<u32>,
+    backoff_base_secs: Option<f64>,
+    backoff_max_secs: Option<f64>,
+    quota_cooldown_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +281,7 @@ struct RawUpstream {
     read_timeout_secs: Option<f64>,
     pool_idle_timeout_secs: Option<f64>,
     accounting: Option<Accounting>,
+    learn_limits: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -472,6 +521,7 @@ fn validate(
         }
     }
 
+    let retry = validate_retry(&raw.retry, &mut issues);
     let orgs = validate_orgs(raw.org, &mut issues);
 
     if !issues.0.is_empty() {
@@ -489,6 +539,7 @@ fn validate(
             read_timeout,
             pool_idle_timeout,
             accounting: raw.upstream.accounting.unwrap_or_default(),
+            learn_limits: raw.upstream.learn_limits.unwrap_or(true),
         },
         server: ServerConfig {
             max_body_bytes,
@@ -502,12 +553,68 @@ fn validate(
             client_timeout_margin,
             refill_margin,
         },
+        retry,
         estimate: EstimateConfig {
             default_output_tokens,
             output_tokens_by_model: raw.estimate.output_tokens_by_model,
         },
         orgs,
     })
+}
+
+fn validate_retry(raw: &RawRetry, issues: &mut Issues) -> RetryConfig {
+    let max_attempts = raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    if !(1..=20).contains(&max_attempts) {
+        issues.add(
+            "retry.max_attempts",
+            format!("{max_attempts} is out of range: use 1 (never retry) to 20"),
+        );
+    }
+    let circuit_threshold = raw
+        .circuit_breaker_threshold
+        .unwrap_or(DEFAULT_CIRCUIT_THRESHOLD);
+    if !(1..=1000).contains(&circuit_threshold) {
+        issues.add(
+            "retry.circuit_breaker_threshold",
+            format!("{circuit_threshold} is out of range: use 1 to 1000"),
+        );
+    }
+    let budget_ratio = raw.budget_ratio.unwrap_or(DEFAULT_RETRY_BUDGET_RATIO);
+    if !(0.0..=1.0).contains(&budget_ratio) {
+        issues.add(
+            "retry.budget_ratio",
+            format!("{budget_ratio} is not a share between 0 and 1"),
+        );
+    }
+    let backoff_base = seconds(
+        issues,
+        "retry.backoff_base_secs",
+        raw.backoff_base_secs,
+        DEFAULT_BACKOFF_BASE_SECS,
+    );
+    let backoff_max = seconds(
+        issues,
+        "retry.backoff_max_secs",
+        raw.backoff_max_secs,
+        DEFAULT_BACKOFF_MAX_SECS,
+    );
+    let quota_cooldown = seconds(
+        issues,
+        "retry.quota_cooldown_secs",
+        raw.quota_cooldown_secs,
+        DEFAULT_QUOTA_COOLDOWN_SECS,
+    );
+    RetryConfig {
+        max_attempts: max_attempts.clamp(1, 20),
+        circuit_threshold: circuit_threshold.max(1),
+        budget_ratio,
+        budget_min_per_sec: raw
+            .budget_min_per_sec
+            .unwrap_or(DEFAULT_RETRY_BUDGET_MIN_PER_SEC),
+        backoff_base,
+        backoff_max: backoff_max.max(backoff_base),
+        quota_cooldown,
+    }
 }
 
 /// Problems found so far; validation goes on after one, so all are reported together.

@@ -10,6 +10,8 @@
 //! - [`proxy`]: the lifecycle, in phase order.
 //! - [`endpoint`]: which OpenAI endpoint a path names.
 //! - [`upstream`]: the shared HTTP client, header rules, the observed response body.
+//! - [`retry`]: the retry policy: classify a failure, its wait hint, backoff, the retry budget.
+//! - [`quota`]: orgs out of quota, answered from a cool-down without calling upstream.
 //! - [`access`]: the access-log line and request metrics of a finished exchange.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`error`]: the one error enum and its OpenAI-shaped response.
@@ -24,6 +26,8 @@ pub mod metrics;
 pub mod org;
 pub mod proxy;
 pub mod queue;
+pub mod quota;
+pub mod retry;
 pub mod server;
 pub mod upstream;
 

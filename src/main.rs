@@ -1,8 +1,10 @@
 //! The `sluice` binary: parse the command line, set up logging, load the config, bind, run.
 
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
@@ -44,6 +46,14 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Exit 0 if sluice answers GET /readyz with 200 within 2 s, else 1 (for container
+    /// health checks and exec probes; no curl needed).
+    Healthcheck {
+        /// Base URL of sluice, e.g. http://127.0.0.1:8787 [default: from the listen address,
+        /// with 0.0.0.0 or [::] probed as 127.0.0.1 or [::1]].
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +79,9 @@ fn main() -> ExitCode {
             }
             Err(err) => report_config_error(&err),
         };
+    }
+    if let Some(Command::Healthcheck { url }) = &cli.command {
+        return healthcheck(url.as_deref(), cli.config.as_deref(), &overrides);
     }
     let loaded = match &cli.config {
         Some(path) => Config::load(path, &overrides),
@@ -162,5 +175,161 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `sluice healthcheck`: probes `url`, else the address this configuration listens on.
+/// Docker reserves exit code 2, so every failure, a bad configuration included, is 1.
+fn healthcheck(url: Option<&str>, config: Option<&Path>, overrides: &Overrides) -> ExitCode {
+    let url = match url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let loaded = match config {
+                Some(path) => Config::load(path, overrides),
+                None => Config::from_overrides(overrides),
+            };
+            match loaded {
+                Ok(config) => probe_url(config.listen),
+                Err(err) => {
+                    eprintln!("sluice healthcheck: {}", err.to_string().replace('\n', " "));
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    match probe_ready(&url, HEALTHCHECK_TIMEOUT) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("sluice healthcheck: {url}/readyz: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The whole budget of one `sluice healthcheck`: connect, send, and read the status line.
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The base URL that reaches a server listening on `listen` from the same host (or container):
+/// an unspecified address is probed on loopback.
+fn probe_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
+
+/// `GET {base_url}/readyz` over plain HTTP/1.1, all within `timeout`. `Ok` only on status 200;
+/// the error says what went wrong in a few words. Deliberately blocking and dependency-free:
+/// it runs as a short-lived process every few seconds, in an image without curl.
+fn probe_ready(base_url: &str, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let remaining = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+            .ok_or_else(|| format!("no answer within {timeout:?}"))
+    };
+    let rest = base_url
+        .strip_prefix("http://")
+        .ok_or("the URL must start with http://")?;
+    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_end_matches('/');
+    let path = if prefix.is_empty() {
+        "/readyz".to_owned()
+    } else {
+        format!("/{prefix}/readyz")
+    };
+    // "host" and "[v6]" carry no port; "host:port" and "[v6]:port" do.
+    let target = if authority.ends_with(']') || !authority.contains(':') {
+        format!("{authority}:80")
+    } else {
+        authority.to_owned()
+    };
+    let addrs = target
+        .to_socket_addrs()
+        .map_err(|err| format!("cannot resolve {authority}: {err}"))?;
+    // "localhost" may resolve to ::1 and 127.0.0.1 while sluice listens on only one of them.
+    let mut failure = format!("{authority} resolves to no address");
+    let mut connected = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, remaining()?) {
+            Ok(stream) => {
+                connected = Some(stream);
+                break;
+            }
+            Err(err) => failure = format!("cannot connect to {addr}: {err}"),
+        }
+    }
+    let mut stream = connected.ok_or(failure)?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream
+        .set_write_timeout(Some(remaining()?))
+        .and_then(|()| stream.write_all(request.as_bytes()))
+        .map_err(|err| format!("cannot send the request: {err}"))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.contains(&b'\n') && head.len() < 4096 {
+        stream
+            .set_read_timeout(Some(remaining()?))
+            .map_err(|err| err.to_string())?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(format!("no answer: {err}")),
+        }
+    }
+    match status_code(&head) {
+        Some(200) => Ok(()),
+        Some(status) => Err(format!("status {status}")),
+        None => Err("no HTTP status line in the answer".to_owned()),
+    }
+}
+
+/// The status code of an HTTP/1.x response whose first bytes are `head`.
+fn status_code(head: &[u8]) -> Option<u16> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let mut parts = std::str::from_utf8(line).ok()?.split_whitespace();
+    parts
+        .next()
+        .filter(|version| version.starts_with("HTTP/"))?;
+    parts.next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_listen_addresses_are_probed_on_loopback() {
+        let probe = |listen: &str| probe_url(listen.parse().expect("a socket address"));
+        assert_eq!(probe("0.0.0.0:8787"), "http://127.0.0.1:8787");
+        assert_eq!(probe("[::]:8787"), "http://[::1]:8787");
+        assert_eq!(probe("10.1.2.3:9000"), "http://10.1.2.3:9000");
+        assert_eq!(probe("[fd00::1]:8787"), "http://[fd00::1]:8787");
+    }
+
+    #[test]
+    fn status_line_parsing() {
+        assert_eq!(
+            status_code(b"HTTP/1.1 200 OK\r\ncontent-length: 0"),
+            Some(200)
+        );
+        assert_eq!(
+            status_code(b"HTTP/1.0 503 Service Unavailable\r\n"),
+            Some(503)
+        );
+        assert_eq!(status_code(b"HTTP/1.1 204\r\n"), Some(204));
+        assert_eq!(status_code(b"SSH-2.0-OpenSSH_9.2\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 abc\r\n"), None);
+        assert_eq!(status_code(b""), None);
+    }
+
+    #[test]
+    fn only_plain_http_urls_are_probed() {
+        let err = probe_ready("https://127.0.0.1:8787", HEALTHCHECK_TIMEOUT);
+        assert!(err.is_err_and(|message| message.contains("http://")));
     }
 }

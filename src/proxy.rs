@@ -1,15 +1,16 @@
 //! The request lifecycle, top to bottom:
 //! route -> read the body -> identify the org -> estimate -> admit (queue) -> forward
-//! upstream -> relay the response -> settle the reservation and record.
+//! upstream, replaying 429s and retrying failures -> relay the response -> settle the
+//! reservation and record.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
@@ -18,11 +19,13 @@ use crate::config::{Accounting, QueueConfig};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::estimate::{estimate, Estimate};
-use crate::limiter::bucket::Cost;
+use crate::limiter::bucket::{Cost, Resource};
 use crate::limiter::{settlement, Charged, Reservation};
 use crate::org::Identity;
+use crate::retry::{self, Class, ErrorBody, Limited as LimitedResource};
 use crate::server::AppState;
 use crate::upstream::body::{BodyEnd, BodyOutcome, ObservedBody, UsageTap};
+use crate::upstream::ratelimit::{self, RateLimitHeaders};
 use crate::upstream::usage::{request_stream_usage, SseUsage};
 use crate::upstream::{request_headers, response_headers};
 
@@ -30,11 +33,19 @@ use crate::upstream::{request_headers, response_headers};
 /// never stalls the requests sharing this worker thread.
 const BLOCKING_ESTIMATE_BYTES: usize = 64 * 1024;
 
+/// Error bodies (429, 5xx) are read whole to classify them; real ones are a few hundred bytes.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A 429's pause is spread by up to this share of its hint (at most [`MAX_JITTER`]), so the
+/// requests of several sluice instances do not return in lockstep.
+const JITTER_SHARE: f64 = 0.1;
+const MAX_JITTER: Duration = Duration::from_millis(250);
+
 /// A request body on its way upstream.
 enum RequestBody {
-    /// Read whole: an estimated endpoint's JSON.
+    /// Read whole: an estimated endpoint's JSON. It can be sent again.
     Read(Bytes),
-    /// Streamed through as it arrives: uploads, audio, everything else.
+    /// Streamed through as it arrives: uploads, audio, everything else. Sent once.
     Streaming(Body),
 }
 
@@ -44,6 +55,40 @@ struct Admission {
     charged: Charged,
     /// sluice asked the upstream for stream usage itself and must hide that chunk.
     strip_usage_chunk: bool,
+}
+
+/// The answer that goes back to the client.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: reqwest::Body,
+}
+
+impl Answer {
+    /// The upstream's response, its body still streaming.
+    fn streaming(response: reqwest::Response) -> Self {
+        Self {
+            status: response.status(),
+            headers: response_headers(response.headers()),
+            body: reqwest::Body::from(response),
+        }
+    }
+
+    fn buffered(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
+        Self {
+            status,
+            headers,
+            body: reqwest::Body::from(body),
+        }
+    }
+}
+
+/// An upstream error response, read whole.
+struct UpstreamError {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    parsed: Option<ErrorBody>,
 }
 
 /// Handles every request the server has no other route for.
@@ -62,18 +107,19 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         }),
     };
     match result {
-        Ok((response, admission)) => relay(&state, endpoint, response, admission, record),
+        Ok((answer, admission)) => relay(&state, endpoint, answer, admission, record),
         Err(err) => reject(err, record),
     }
 }
 
-/// Reads, identifies, estimates, admits, and sends the request upstream.
+/// Reads, identifies, estimates, admits, and sends the request upstream until it has an
+/// answer worth relaying.
 async fn forward(
     state: &AppState,
     endpoint: Endpoint,
     request: Request,
     record: &mut AccessRecord,
-) -> Result<(reqwest::Response, Option<Admission>), ProxyError> {
+) -> Result<(Answer, Option<Admission>), ProxyError> {
     let (parts, body) = request.into_parts();
     let mut body = read_body(
         endpoint,
@@ -84,24 +130,33 @@ async fn forward(
     .await?;
     let identity = state.orgs.identify(&parts.headers);
     record.identity(&identity.org, identity.priority);
+    if let Some(error) = state.exhausted.check(&identity.org, Instant::now()) {
+        tracing::debug!(org = %identity.org, "org in quota cool-down; answered without calling upstream");
+        return Ok((
+            Answer::buffered(error.status, error.headers, error.body),
+            None,
+        ));
+    }
 
+    let deadline = deadline(&parts.headers, &state.config.queue, Instant::now());
     let mut admission = None;
-    // Only a request that spends from a limited bucket is estimated: an org without limits
-    // (or a key no org lists) has nothing to charge.
-    let limited = identity
-        .config
-        .as_ref()
-        .is_some_and(|org| !org.limits.is_empty());
-    if let (RequestBody::Read(bytes), true) = (&body, limited) {
+    let mut estimated_tokens = None;
+    // A request is estimated when a bucket may meter it: its org has limits, or unknown
+    // limits are learned from the upstream.
+    let metered = state.config.upstream.learn_limits
+        || identity
+            .config
+            .as_ref()
+            .is_some_and(|org| !org.limits.is_empty());
+    if let (RequestBody::Read(bytes), true) = (&body, metered) {
         let estimate = estimate_cost(state, endpoint, bytes).await?;
         record.estimate(
             &estimate.model,
             estimate.prompt_tokens,
             estimate.output_tokens,
         );
-        if let Some(mut admitted) =
-            admit(state, &identity, &estimate, &parts.headers, record).await?
-        {
+        estimated_tokens = Some(estimate.total());
+        if let Some(mut admitted) = admit(state, &identity, &estimate, deadline, record).await? {
             // Without usage in the stream the reservation could not be settled: ask for it,
             // and hide the extra chunk from a client that did not.
             if estimate.stream
@@ -128,37 +183,367 @@ async fn forward(
         // client still gets exactly what the upstream sent.
         headers.remove(header::ACCEPT_ENCODING);
     }
-    let upstream_body = match body {
-        RequestBody::Read(bytes) => reqwest::Body::from(bytes),
-        RequestBody::Streaming(body) => reqwest::Body::wrap_stream(body.into_data_stream()),
+    let mut exchange = Exchange {
+        state,
+        org: &identity.org,
+        method: parts.method,
+        path_and_query,
+        headers,
+        body: Some(body),
+        deadline,
+        estimated_tokens,
+        attempt: 0,
     };
-    let pending = state
-        .upstream
-        .request(parts.method, path_and_query)
-        .headers(headers)
-        .body(upstream_body)
-        .send();
-    record.upstream_sent();
-    // From here the provider may count the request, even if the client goes away meanwhile
-    // (dropping this future, and the upstream request with it).
-    if let Some(admitted) = &mut admission {
-        admitted.reservation.reached_upstream();
+    if exchange.resendable() {
+        state.retry_budget.deposit(Instant::now());
     }
-    let response = match pending.await {
-        Ok(response) => response,
-        Err(err) => {
-            // A refused connection never reached the upstream: give the budget back. Any
-            // other failure may have been counted there, so it stays spent.
-            if err.is_connect() {
-                if let Some(admitted) = admission {
-                    admitted.reservation.refund();
+    let answer = exchange.run(&mut admission, record).await?;
+    Ok((answer, admission))
+}
+
+/// One request's conversation with the upstream: sent, and sent again while the upstream's
+/// answer says a later attempt can succeed and the request's deadline allows.
+struct Exchange<'a> {
+    state: &'a AppState,
+    org: &'a Arc<str>,
+    method: Method,
+    path_and_query: &'a str,
+    headers: HeaderMap,
+    /// `None` once a streamed body has been sent (it cannot be sent again).
+    body: Option<RequestBody>,
+    deadline: Instant,
+    estimated_tokens: Option<u64>,
+    /// Attempts made so far.
+    attempt: u32,
+}
+
+impl Exchange<'_> {
+    fn resendable(&self) -> bool {
+        matches!(self.body, Some(RequestBody::Read(_)))
+    }
+
+    fn may_try_again(&self) -> bool {
+        self.resendable() && self.attempt < self.state.config.retry.max_attempts
+    }
+
+    async fn run(
+        &mut self,
+        admission: &mut Option<Admission>,
+        record: &mut AccessRecord,
+    ) -> Result<Answer, ProxyError> {
+        loop {
+            let response = match self.send(admission, record).await {
+                Ok(response) => response,
+                Err(err) => {
+                    // A refused connection never reached the upstream: safe to try again.
+                    if err.is_connect() {
+                        if let Some(wait) = self.retry_wait(None) {
+                            tracing::info!(attempt = self.attempt, wait_ms = wait.as_millis() as u64, error = %err, "upstream connection failed; retrying");
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
+                        // It never reached the upstream: give the budget back.
+                        if let Some(admitted) = admission.take() {
+                            admitted.reservation.refund();
+                        }
+                    }
+                    return Err(ProxyError::from_upstream(&err));
+                }
+            };
+            record.upstream_headers();
+            let limits = RateLimitHeaders::parse(response.headers());
+            if limits.malformed() > 0 {
+                tracing::debug!(
+                    count = limits.malformed(),
+                    "ignored malformed x-ratelimit-* headers"
+                );
+            }
+            if let Some(admitted) = admission.as_ref() {
+                admitted.reservation.observe(&limits);
+            }
+            let status = response.status();
+            if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() {
+                if let Some(admitted) = admission.as_mut() {
+                    admitted.reservation.answered();
+                }
+                return Ok(Answer::streaming(response));
+            }
+            let error = read_error(response).await;
+            let token_limit = limits
+                .get(ratelimit::Resource::Tokens)
+                .and_then(|window| window.limit);
+            let class = retry::classify(
+                status.as_u16(),
+                error.parsed.as_ref(),
+                self.estimated_tokens,
+                token_limit,
+            );
+            match class {
+                Class::RateLimited(_) | Class::SlowDown => {
+                    match self.pause(class, &error, &limits, admission).await {
+                        Ok(()) => continue,
+                        Err(answer) => return Ok(answer),
+                    }
+                }
+                Class::Quota => {
+                    tracing::warn!(
+                        org = %self.org,
+                        code = error.parsed.as_ref().and_then(|e| e.code.as_deref()).unwrap_or(""),
+                        cooldown_secs = self.state.config.retry.quota_cooldown.as_secs_f64(),
+                        "upstream quota exhausted; answering this org's requests from the cool-down"
+                    );
+                    let mut headers = error.headers;
+                    headers.insert("x-should-retry", HeaderValue::from_static("false"));
+                    self.state.exhausted.mark(
+                        self.org,
+                        error.status,
+                        headers.clone(),
+                        error.body.clone(),
+                        self.state.config.retry.quota_cooldown,
+                        Instant::now(),
+                    );
+                    return Ok(Answer::buffered(error.status, headers, error.body));
+                }
+                Class::TooLarge => {
+                    let mut headers = error.headers;
+                    headers.insert("x-should-retry", HeaderValue::from_static("false"));
+                    return Ok(Answer::buffered(error.status, headers, error.body));
+                }
+                Class::Overloaded | Class::ServerError => {
+                    if let Some(admitted) = admission.as_mut() {
+                        admitted.reservation.answered();
+                    }
+                    let hint = retry::wait_hint(
+                        class,
+                        &error.headers,
+                        &limits,
+                        error.parsed.as_ref(),
+                        SystemTime::now(),
+                    )
+                    .map(|(wait, _)| wait);
+                    if let Some(wait) = self.retry_wait(hint) {
+                        tracing::info!(
+                            status = status.as_u16(),
+                            attempt = self.attempt,
+                            wait_ms = wait.as_millis() as u64,
+                            "upstream failed; retrying"
+                        );
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    return Ok(Answer::buffered(error.status, error.headers, error.body));
+                }
+                Class::Fatal => {
+                    if let Some(admitted) = admission.as_mut() {
+                        admitted.reservation.answered();
+                    }
+                    return Ok(Answer::buffered(error.status, error.headers, error.body));
                 }
             }
-            return Err(ProxyError::from_upstream(&err));
+        }
+    }
+
+    /// Sends the request once more.
+    async fn send(
+        &mut self,
+        admission: &mut Option<Admission>,
+        record: &mut AccessRecord,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        self.attempt += 1;
+        let body = match self.body.take() {
+            Some(RequestBody::Read(bytes)) => {
+                self.body = Some(RequestBody::Read(bytes.clone()));
+                reqwest::Body::from(bytes)
+            }
+            Some(RequestBody::Streaming(body)) => {
+                reqwest::Body::wrap_stream(body.into_data_stream())
+            }
+            None => reqwest::Body::from(Bytes::new()),
+        };
+        let headers = if self.resendable() {
+            self.headers.clone()
+        } else {
+            std::mem::take(&mut self.headers)
+        };
+        let pending = self
+            .state
+            .upstream
+            .request(self.method.clone(), self.path_and_query)
+            .headers(headers)
+            .body(body)
+            .send();
+        record.upstream_sent();
+        // From here the provider may count the request, even if the client goes away
+        // meanwhile (dropping this future, and the upstream request with it).
+        if let Some(admitted) = admission.as_mut() {
+            admitted.reservation.dispatch();
+        }
+        pending.await
+    }
+
+    /// How long to wait before retrying a failure (a 5xx or a refused connection), or `None`
+    /// when it must not be retried: the body cannot be sent again, attempts or the retry
+    /// budget are spent, or the wait would pass the deadline.
+    fn retry_wait(&self, hint: Option<Duration>) -> Option<Duration> {
+        if !self.may_try_again() {
+            return None;
+        }
+        let config = &self.state.config.retry;
+        let wait = hint.unwrap_or_else(|| {
+            retry::backoff(
+                self.attempt.saturating_sub(1),
+                config.backoff_base,
+                config.backoff_max,
+                fastrand::f64(),
+            )
+        });
+        let now = Instant::now();
+        if now + wait > self.deadline {
+            return None;
+        }
+        self.state.retry_budget.try_withdraw(now).then_some(wait)
+    }
+
+    /// A rate-limit 429: pauses the bucket until the upstream's hint and waits, keeping the
+    /// reservation and the head of the line, to send the request again. `Err` carries the
+    /// answer for the client when it cannot be sent again in time.
+    async fn pause(
+        &mut self,
+        class: Class,
+        error: &UpstreamError,
+        limits: &RateLimitHeaders,
+        admission: &mut Option<Admission>,
+    ) -> Result<(), Answer> {
+        let passthrough =
+            || Answer::buffered(error.status, error.headers.clone(), error.body.clone());
+        let Some(admitted) = admission.as_mut() else {
+            // Nothing meters this request (no bucket to pause): the client decides.
+            return Err(passthrough());
+        };
+        let config = &self.state.config.retry;
+        let now = Instant::now();
+        let hinted = retry::wait_hint(
+            class,
+            &error.headers,
+            limits,
+            error.parsed.as_ref(),
+            SystemTime::now(),
+        );
+        let hint = hinted.map_or_else(
+            || {
+                retry::backoff(
+                    self.attempt.saturating_sub(1),
+                    config.backoff_base,
+                    config.backoff_max,
+                    fastrand::f64(),
+                )
+            },
+            |(wait, _)| wait,
+        );
+        let jitter_cap = hint.mul_f64(JITTER_SHARE).min(MAX_JITTER);
+        let resume = now + retry::jitter(hint, jitter_cap, fastrand::f64());
+        let reset = now + announced_reset(class, limits).max(hint);
+        let cost = admitted.reservation.cost();
+        let burst = burst_evidence(class, limits, error.parsed.as_ref(), cost);
+        let opened = admitted
+            .reservation
+            .rate_limited(resume, reset, burst, class.label());
+        tracing::info!(
+            org = %self.org,
+            reason = class.label(),
+            attempt = self.attempt,
+            wait_ms = hint.as_millis() as u64,
+            hint = hinted.map_or("backoff", |(_, source)| source.label()),
+            circuit_opened = opened,
+            "upstream 429; pausing the bucket and replaying"
+        );
+        if self.attempt >= config.max_attempts || !self.resendable() {
+            return Err(honest_429(error, resume.saturating_duration_since(now)));
+        }
+        match admitted.reservation.replay(self.deadline).await {
+            Ok(()) => Ok(()),
+            Err(wait) => Err(honest_429(error, wait)),
+        }
+    }
+}
+
+/// The upstream's 429, with the wait sluice knows it implies: the client's SDK sleeps exactly
+/// what `retry-after-ms` says.
+fn honest_429(error: &UpstreamError, wait: Duration) -> Answer {
+    let mut headers = error.headers.clone();
+    let millis = wait.as_millis().max(1) as u64;
+    headers.insert("retry-after-ms", HeaderValue::from(millis));
+    headers.insert("retry-after", HeaderValue::from(millis.div_ceil(1000)));
+    Answer::buffered(error.status, headers, error.body.clone())
+}
+
+/// When the bucket the 429 is about is full again, as the upstream announced it: when an
+/// open circuit may try once more. For a 429 that names no resource, the longest per-minute
+/// reset; resets beyond a minute describe a daily bucket, which is the deadline's business.
+fn announced_reset(class: Class, limits: &RateLimitHeaders) -> Duration {
+    use ratelimit::Resource as Family;
+    let families: &[Family] = match class {
+        Class::RateLimited(LimitedResource::Requests) => {
+            &[Family::Requests, Family::ProjectRequests]
+        }
+        Class::RateLimited(LimitedResource::Tokens) => &[Family::Tokens, Family::ProjectTokens],
+        _ => &Family::ALL,
+    };
+    families
+        .iter()
+        .filter_map(|family| limits.get(*family)?.reset)
+        .filter(|reset| *reset <= Duration::from_secs(61))
+        .max()
+        .unwrap_or(Duration::ZERO)
+}
+
+/// The resource whose burst the 429 shows is smaller than assumed: the upstream refused the
+/// request although its per-minute figures had room for it (a quantized limit).
+fn burst_evidence(
+    class: Class,
+    limits: &RateLimitHeaders,
+    error: Option<&ErrorBody>,
+    cost: Cost,
+) -> Option<Resource> {
+    let resource = match class {
+        Class::RateLimited(LimitedResource::Requests) => Resource::Requests,
+        Class::RateLimited(LimitedResource::Tokens) => Resource::Tokens,
+        _ => return None,
+    };
+    let family = match resource {
+        Resource::Requests => ratelimit::Resource::Requests,
+        Resource::Tokens => ratelimit::Resource::Tokens,
+    };
+    let needed = cost.of(resource).max(1.0);
+    if let Some(remaining) = limits.get(family).and_then(|window| window.remaining) {
+        return (remaining as f64 >= needed).then_some(resource);
+    }
+    let figures = ratelimit::message_figures(error?.message.as_deref()?)?;
+    let used = figures.used?;
+    (used + figures.requested <= figures.limit).then_some(resource)
+}
+
+/// Reads an upstream error response whole (bounded) to classify it.
+async fn read_error(response: reqwest::Response) -> UpstreamError {
+    let status = response.status();
+    let headers = response_headers(response.headers());
+    let body = match Limited::new(reqwest::Body::from(response), MAX_ERROR_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) => {
+            tracing::debug!(error = %err, "could not read the upstream's error body");
+            Bytes::new()
         }
     };
-    record.upstream_headers();
-    Ok((response, admission))
+    let parsed = retry::parse_error_body(&body);
+    UpstreamError {
+        status,
+        headers,
+        body,
+        parsed,
+    }
 }
 
 async fn read_body(
@@ -204,30 +589,28 @@ async fn estimate_cost(
         .map_err(ProxyError::InvalidBody)
 }
 
-/// Waits for the budget of a request whose org has limits for its model. `None` when nothing
-/// limits it (no org config, or no limits for that model).
+/// Waits for the budget of a request in its (org, model) bucket. `None` when no bucket meters
+/// it (no limits configured and none to learn).
 async fn admit(
     state: &AppState,
     identity: &Identity,
     estimate: &Estimate,
-    headers: &HeaderMap,
+    deadline: Instant,
     record: &mut AccessRecord,
 ) -> Result<Option<Admission>, ProxyError> {
-    let Some(limits) = identity
+    let limits = identity
         .config
         .as_ref()
         .and_then(|org| org.limits_for(&estimate.model))
-    else {
-        return Ok(None);
-    };
+        .unwrap_or_default();
     let cost = Cost::request(estimate.total());
-    let deadline = deadline(headers, &state.config.queue, Instant::now());
     let reservation = state
         .limiter
         .admit(
             &identity.org,
             &estimate.model,
             limits,
+            state.config.upstream.learn_limits,
             cost,
             identity.priority,
             deadline,
@@ -238,6 +621,9 @@ async fn admit(
             model: estimate.model.clone(),
             rejection,
         })?;
+    let Some(reservation) = reservation else {
+        return Ok(None);
+    };
     record.queued(reservation.waited);
     Ok(Some(Admission {
         reservation,
@@ -278,18 +664,21 @@ fn header_seconds(headers: &HeaderMap, name: &str) -> Option<Duration> {
 fn relay(
     state: &AppState,
     endpoint: Option<Endpoint>,
-    upstream: reqwest::Response,
+    answer: Answer,
     admission: Option<Admission>,
     mut record: AccessRecord,
 ) -> Response {
-    let status = upstream.status();
-    let mut headers = response_headers(upstream.headers());
+    let Answer {
+        status,
+        mut headers,
+        body,
+    } = answer;
+    let is_sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/event-stream"));
     let tap = admission.as_ref().and_then(|admitted| {
         let endpoint = endpoint?;
-        let is_sse = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.starts_with("text/event-stream"));
         Some(if is_sse {
             UsageTap::Sse(SseUsage::new(endpoint, admitted.strip_usage_chunk))
         } else {
@@ -299,16 +688,13 @@ fn relay(
     if let Some(admitted) = &admission {
         let queued_ms = admitted.reservation.waited.as_millis() as u64;
         headers.insert("x-sluice-queue-ms", HeaderValue::from(queued_ms));
-        if tap
-            .as_ref()
-            .is_some_and(|tap| matches!(tap, UsageTap::Sse(_)))
-        {
+        if is_sse {
             // Stripping the usage chunk may change the length.
             headers.remove(header::CONTENT_LENGTH);
         }
     }
     let accounting = state.config.upstream.accounting;
-    let body = ObservedBody::new(reqwest::Body::from(upstream), tap, move |end: BodyEnd| {
+    let body = ObservedBody::new(body, tap, move |end: BodyEnd| {
         let finish = move || {
             if let Some(admitted) = admission {
                 settle(admitted, status, &end, accounting);
@@ -333,6 +719,11 @@ fn relay(
             Err(_) => finish(),
         }
     });
+    let body = if is_sse {
+        body.with_error_event()
+    } else {
+        body
+    };
     let mut response = Response::new(Body::new(body));
     *response.status_mut() = status;
     *response.headers_mut() = headers;

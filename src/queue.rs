@@ -22,7 +22,13 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::limiter::bucket::{Bucket, Cost, Limits, Resource, Shortfall};
+use crate::limiter::bucket::{Bucket, Cost, Limits, Resource, Shortfall, DAY, MINUTE};
+use crate::limiter::gate::{Circuit, Gate, Pass, Probe, ProbeOutcome};
+use crate::upstream::ratelimit::{self, RateLimitHeaders};
+
+/// Header resets longer than this describe a daily window (a per-minute bucket is full again
+/// within a minute); a second of slack covers rounding.
+const MINUTE_RESET_MAX: Duration = Duration::from_secs(61);
 
 /// Which class a request waits in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -87,6 +93,8 @@ pub struct QueueBounds {
     pub interactive_reserve: f64,
     /// Refill left unused in every bucket (see [`Bucket::with_margin`]).
     pub refill_margin: Duration,
+    /// Consecutive upstream 429s that open a bucket's circuit.
+    pub circuit_threshold: u32,
     /// Requests waiting in all buckets.
     pub depth: AtomicUsize,
 }
@@ -99,11 +107,48 @@ struct Waiter {
 
 struct State {
     bucket: Bucket,
+    /// The limits in force: the tighter of the configured and the learned ones.
     limits: Limits,
+    configured: Limits,
+    /// Limits the upstream's headers announced.
+    learned: Limits,
+    gate: Gate,
     classes: [VecDeque<Waiter>; 2],
     /// Total cost queued per class, for predicting waits in O(1).
     queued: [Cost; 2],
     next_id: u64,
+    /// Everything ever sent upstream (re-sends included), to tell what a header has not seen.
+    sent: Cost,
+    /// The last rate-limit headers the upstream sent, and when.
+    upstream: Option<(RateLimitHeaders, Instant)>,
+    last_429: Option<Last429>,
+}
+
+/// The last upstream 429 of a bucket, for the status view.
+#[derive(Clone, Copy, Debug)]
+pub struct Last429 {
+    pub at: Instant,
+    /// The classification's label (`requests`, `tokens`, `slow_down`, ...).
+    pub reason: &'static str,
+    /// How long the bucket paused for it.
+    pub wait: Duration,
+}
+
+/// When a request was sent upstream and what had been sent by then, so a header it brings
+/// back can be corrected for what was sent after it.
+#[derive(Clone, Copy, Debug)]
+pub struct Mark {
+    at: Instant,
+    sent: Cost,
+}
+
+/// A request let through by [`BucketQueue::admit`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Admitted {
+    /// Time spent queued.
+    pub waited: Duration,
+    /// Set when this request is the gate's probe.
+    pub probe: Option<Probe>,
 }
 
 impl State {
@@ -145,6 +190,26 @@ impl State {
         true
     }
 
+    /// The bucket's predicted wait for `cost`, and no earlier than the gate reopens.
+    fn projected_wait(&mut self, cost: Cost, keep: f64, now: Instant) -> Duration {
+        let bucket = self.bucket.projected_wait(cost, keep, now);
+        let gate = self
+            .gate
+            .blocked_until(now)
+            .map_or(Duration::ZERO, |until| until - now);
+        bucket.max(gate)
+    }
+
+    /// Puts the tighter of the configured and learned limits in force, keeping what was spent.
+    fn apply_limits(&mut self, now: Instant) {
+        let limits = self.configured.tightest(&self.learned);
+        if limits != self.limits {
+            self.bucket.set_limits(&limits, now);
+            self.limits = limits;
+            self.wake_head();
+        }
+    }
+
     fn wake_head(&self) {
         for class in &self.classes {
             if let Some(head) = class.front() {
@@ -163,9 +228,18 @@ pub struct BucketQueue {
 }
 
 impl BucketQueue {
-    pub fn new(org: Arc<str>, model: Arc<str>, limits: Limits, bounds: Arc<QueueBounds>) -> Self {
+    /// A bucket with the configured `limits`; `learn` sends its first request alone while
+    /// no limit is known, to learn them from the upstream's headers.
+    pub fn new(
+        org: Arc<str>,
+        model: Arc<str>,
+        limits: Limits,
+        learn: bool,
+        bounds: Arc<QueueBounds>,
+    ) -> Self {
         let now = Instant::now();
         let bucket = Bucket::with_margin(&limits, bounds.refill_margin, now);
+        let gate = Gate::new(learn && limits.is_empty(), bounds.circuit_threshold, now);
         Self {
             org,
             model,
@@ -173,9 +247,15 @@ impl BucketQueue {
             state: Mutex::new(State {
                 bucket,
                 limits,
+                configured: limits,
+                learned: Limits::default(),
+                gate,
                 classes: [VecDeque::new(), VecDeque::new()],
                 queued: [Cost::default(); 2],
                 next_id: 0,
+                sent: Cost::default(),
+                upstream: None,
+                last_429: None,
             }),
         }
     }
@@ -188,14 +268,14 @@ impl BucketQueue {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits until `cost` is taken from the bucket, or rejects. Cancel-safe: dropping the
-    /// future leaves the queue and wakes whoever is next.
+    /// Waits until `cost` is taken from the bucket and the gate lets the request go, or
+    /// rejects. Cancel-safe: dropping the future leaves the queue and wakes whoever is next.
     pub async fn admit(
         &self,
         cost: Cost,
         priority: Priority,
         deadline: Instant,
-    ) -> Result<Duration, Rejection> {
+    ) -> Result<Admitted, Rejection> {
         let arrived = Instant::now();
         let wake = Arc::new(Notify::new());
         let id = {
@@ -205,14 +285,22 @@ impl BucketQueue {
                 return Err(too_large(never, cost));
             }
             if state.nobody_ahead(priority) {
-                match state.bucket.try_take(cost, keep, arrived) {
-                    Ok(()) => return Ok(Duration::ZERO),
-                    Err(Shortfall::Wait { .. }) => {}
-                    Err(never) => return Err(too_large(never, cost)),
+                if let Pass::Go(probe) = state.gate.check(false, arrived) {
+                    match state.bucket.try_take(cost, keep, arrived) {
+                        Ok(()) => {
+                            state.gate.claim(probe, arrived);
+                            return Ok(Admitted {
+                                waited: Duration::ZERO,
+                                probe,
+                            });
+                        }
+                        Err(Shortfall::Wait { .. }) => {}
+                        Err(never) => return Err(too_large(never, cost)),
+                    }
                 }
             }
             let ahead = self.cost_ahead(&state, priority, cost);
-            let wait = state.bucket.projected_wait(ahead, keep, arrived);
+            let wait = state.projected_wait(ahead, keep, arrived);
             let depth = state.classes[0].len() + state.classes[1].len();
             if depth >= self.bounds.max_depth_per_bucket {
                 return Err(Rejection::QueueFull { depth, wait });
@@ -252,22 +340,31 @@ impl BucketQueue {
         };
         loop {
             let now = Instant::now();
+            // `None`: nothing to time, wait to be woken (or for the deadline).
             let next_try = {
                 let mut state = self.lock();
                 let keep = state.keep(priority, &self.bounds);
                 if state.current_head() == Some((priority, id)) {
-                    match state.bucket.try_take(cost, keep, now) {
-                        Ok(()) => {
-                            state.remove(priority, id);
-                            place.queued = false;
-                            self.bounds.depth.fetch_sub(1, Ordering::Relaxed);
-                            // The next in line may fit too.
-                            state.wake_head();
-                            return Ok(now.saturating_duration_since(arrived));
-                        }
-                        Err(Shortfall::Wait { wait, .. }) => Some(now + wait),
-                        // The limits shrank below this request while it waited.
-                        Err(never) => return Err(too_large(never, cost)),
+                    match state.gate.check(false, now) {
+                        Pass::Go(probe) => match state.bucket.try_take(cost, keep, now) {
+                            Ok(()) => {
+                                state.gate.claim(probe, now);
+                                state.remove(priority, id);
+                                place.queued = false;
+                                self.bounds.depth.fetch_sub(1, Ordering::Relaxed);
+                                // The next in line may fit too.
+                                state.wake_head();
+                                return Ok(Admitted {
+                                    waited: now.saturating_duration_since(arrived),
+                                    probe,
+                                });
+                            }
+                            Err(Shortfall::Wait { wait, .. }) => Some(now + wait),
+                            // The limits shrank below this request while it waited.
+                            Err(never) => return Err(too_large(never, cost)),
+                        },
+                        Pass::Until(until) => Some(until),
+                        Pass::Hold => None,
                     }
                 } else {
                     None
@@ -277,7 +374,7 @@ impl BucketQueue {
                 let mut state = self.lock();
                 let keep = state.keep(priority, &self.bounds);
                 let resource = self.binding_resource(&mut state, cost, keep, now);
-                let wait = state.bucket.projected_wait(cost, keep, now);
+                let wait = state.projected_wait(cost, keep, now);
                 return Err(Rejection::Deadline {
                     resource,
                     limit: state.bucket.limit(resource),
@@ -342,13 +439,205 @@ impl BucketQueue {
         self.lock().bucket.charge(cost, Instant::now());
     }
 
-    /// Replaces the limits, keeping what was spent, and wakes the heads.
+    /// Replaces the configured limits (the learned ones still cap them), keeping what was
+    /// spent, and wakes the heads.
     pub fn set_limits(&self, limits: Limits) {
         let mut state = self.lock();
-        if state.limits != limits {
-            state.bucket.set_limits(&limits, Instant::now());
-            state.limits = limits;
-            state.wake_head();
+        if state.configured != limits {
+            state.configured = limits;
+            warn_if_above_upstream(&self.org, &self.model, &state.configured, &state.learned);
+            state.apply_limits(Instant::now());
+        }
+    }
+
+    /// A request holding `cost` is being sent upstream (again, for a replay).
+    pub fn dispatched(&self, cost: Cost) -> Mark {
+        let mut state = self.lock();
+        state.sent.requests += cost.requests;
+        state.sent.tokens += cost.tokens;
+        Mark {
+            at: Instant::now(),
+            sent: state.sent,
+        }
+    }
+
+    /// Corrects the bucket toward the upstream's view in `headers`, which came back for a
+    /// request sent at `mark`: adopts the limits they announce (a configured limit above the
+    /// upstream's is lowered to it), lowers the levels to what the upstream had left less
+    /// what was sent since, and shrinks the burst when the figures show a quantized limit.
+    /// Never loosens anything.
+    pub fn observe(&self, mark: Mark, headers: &RateLimitHeaders) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if headers.is_empty() {
+            return;
+        }
+        state.upstream = Some((headers.clone(), now));
+        let views: Vec<(Resource, View)> = Resource::BOTH
+            .into_iter()
+            .filter_map(|resource| View::of(headers, resource).map(|view| (resource, view)))
+            .collect();
+
+        let mut learned = state.learned;
+        for (resource, view) in &views {
+            if let Some(limit) = view.limit {
+                learned.set(*resource, view.window, limit);
+            }
+        }
+        if learned != state.learned {
+            warn_if_above_upstream(&self.org, &self.model, &state.configured, &learned);
+            tracing::info!(
+                org = %self.org,
+                model = %self.model,
+                rpm = ?learned.rpm,
+                tpm = ?learned.tpm,
+                rpd = ?learned.rpd,
+                tpd = ?learned.tpd,
+                "learned the upstream's limits"
+            );
+            state.learned = learned;
+            state.apply_limits(now);
+        }
+        if !learned.is_empty() {
+            state.gate.learned();
+        }
+
+        let since = Cost {
+            requests: state.sent.requests - mark.sent.requests,
+            tokens: state.sent.tokens - mark.sent.tokens,
+        };
+        let age = now.saturating_duration_since(mark.at);
+        for (resource, view) in &views {
+            if let Some(remaining) = view.remaining {
+                state.bucket.observe(
+                    *resource,
+                    view.window,
+                    remaining as f64,
+                    since.of(*resource),
+                    age,
+                    now,
+                );
+            }
+            // The reset tells how big the bucket really is: a quantized limit refills its
+            // small slice within a fraction of the minute.
+            if let (Some(capacity), Some(limit), true) =
+                (view.implied_capacity, view.limit, view.window == MINUTE)
+            {
+                if capacity < 0.9 * limit as f64 {
+                    state.bucket.shrink_burst(*resource, capacity, now);
+                }
+            }
+        }
+    }
+
+    /// The upstream answered a request of this bucket without a rate limit.
+    pub fn answered(&self, probe: Option<Probe>) {
+        let mut state = self.lock();
+        state.gate.answered();
+        if let Some(probe) = probe {
+            state.gate.finish_probe(probe, ProbeOutcome::Answered);
+        }
+        state.wake_head();
+    }
+
+    /// A probe ended without an answer (cancelled, failed to connect).
+    pub fn abandon_probe(&self, probe: Probe) {
+        let mut state = self.lock();
+        state.gate.finish_probe(probe, ProbeOutcome::Abandoned);
+        state.wake_head();
+    }
+
+    /// The upstream answered 429 for a request of this bucket: nothing is sent before
+    /// `resume`; after enough consecutive 429s the circuit opens until `reset`. `burst` names
+    /// the resource whose burst proved smaller than assumed (the upstream refused although
+    /// its per-minute budget had room). Returns whether the circuit opened.
+    pub fn rate_limited(&self, rate_limited: RateLimited) -> bool {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let opened = state
+            .gate
+            .rate_limited(rate_limited.resume, rate_limited.reset);
+        if let Some(probe) = rate_limited.probe {
+            state.gate.finish_probe(probe, ProbeOutcome::RateLimited);
+        }
+        if let Some(resource) = rate_limited.burst {
+            state.bucket.burst_refused(resource, now);
+        }
+        state.last_429 = Some(Last429 {
+            at: now,
+            reason: rate_limited.reason,
+            wait: rate_limited.resume.saturating_duration_since(now),
+        });
+        if opened {
+            tracing::warn!(
+                org = %self.org,
+                model = %self.model,
+                until_ms = state
+                    .gate
+                    .blocked_until(now)
+                    .map_or(0, |until| (until - now).as_millis() as u64),
+                "circuit open: consecutive upstream 429s"
+            );
+        }
+        opened
+    }
+
+    /// Waits, holding the request's reservation, until the bucket may send it again: after
+    /// the pause and before anything new. Returns the gate's probe if this re-send is one, or
+    /// the remaining wait when it cannot go before `deadline`.
+    pub async fn replay(&self, deadline: Instant) -> Result<Option<Probe>, Duration> {
+        self.lock().gate.add_replay();
+        let _replay = ReplayGuard { queue: self };
+        loop {
+            let now = Instant::now();
+            let until = {
+                let mut state = self.lock();
+                match state.gate.check(true, now) {
+                    Pass::Go(probe) => {
+                        state.gate.claim(probe, now);
+                        return Ok(probe);
+                    }
+                    Pass::Until(until) if until > deadline => {
+                        return Err(until.saturating_duration_since(now));
+                    }
+                    Pass::Until(until) => until,
+                    // Another request is probing the circuit: look again shortly.
+                    Pass::Hold if now >= deadline => return Err(Duration::from_secs(1)),
+                    Pass::Hold => (now + Duration::from_millis(50)).min(deadline),
+                }
+            };
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    /// What the status view and metrics show of this bucket.
+    pub fn status(&self) -> BucketStatus {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let available = Resource::BOTH.map(|resource| state.bucket.available(resource, now));
+        let burst = Resource::BOTH.map(|resource| state.bucket.burst(resource));
+        BucketStatus {
+            configured: state.configured,
+            learned: state.learned,
+            limits: state.limits,
+            available,
+            burst,
+            learning: state.gate.is_learning(),
+            circuit: state.gate.circuit(),
+            paused_for: state
+                .gate
+                .paused_until()
+                .map(|until| until.saturating_duration_since(now))
+                .filter(|wait| !wait.is_zero()),
+            depth: (state.classes[0].len(), state.classes[1].len()),
+            replays: state.gate.replays(),
+            upstream: state
+                .upstream
+                .as_ref()
+                .map(|(headers, at)| (headers.clone(), now.saturating_duration_since(*at))),
+            last_429: state
+                .last_429
+                .map(|last| (last, now.saturating_duration_since(last.at))),
         }
     }
 
@@ -361,6 +650,134 @@ impl BucketQueue {
     /// Units available now (negative in debt); `None` when unlimited.
     pub fn available(&self, resource: Resource) -> Option<f64> {
         self.lock().bucket.available(resource, Instant::now())
+    }
+}
+
+/// What an upstream 429 does to a bucket (see [`BucketQueue::rate_limited`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimited {
+    pub resume: Instant,
+    pub reset: Instant,
+    pub burst: Option<Resource>,
+    pub probe: Option<Probe>,
+    pub reason: &'static str,
+}
+
+/// A bucket as the status view and metrics show it.
+#[derive(Clone, Debug)]
+pub struct BucketStatus {
+    pub configured: Limits,
+    pub learned: Limits,
+    pub limits: Limits,
+    /// Units available now per resource (requests, tokens); `None` when not limited.
+    pub available: [Option<f64>; 2],
+    /// The per-minute burst per resource (the whole limit unless shrunk).
+    pub burst: [Option<f64>; 2],
+    pub learning: bool,
+    pub circuit: Circuit,
+    pub paused_for: Option<Duration>,
+    /// Waiting requests: (interactive, batch).
+    pub depth: (usize, usize),
+    pub replays: u32,
+    /// The upstream's last rate-limit headers, and how long ago they came.
+    pub upstream: Option<(RateLimitHeaders, Duration)>,
+    pub last_429: Option<(Last429, Duration)>,
+}
+
+/// One resource as a response's headers describe it: the organization's and the project's
+/// families together (the tighter wins).
+#[derive(Clone, Copy, Debug)]
+struct View {
+    window: Duration,
+    limit: Option<u64>,
+    remaining: Option<u64>,
+    implied_capacity: Option<f64>,
+}
+
+impl View {
+    fn of(headers: &RateLimitHeaders, resource: Resource) -> Option<View> {
+        let families = match resource {
+            Resource::Requests => [
+                ratelimit::Resource::Requests,
+                ratelimit::Resource::ProjectRequests,
+            ],
+            Resource::Tokens => [
+                ratelimit::Resource::Tokens,
+                ratelimit::Resource::ProjectTokens,
+            ],
+        };
+        let mut view: Option<View> = None;
+        for family in families {
+            let Some(window) = headers.get(family) else {
+                continue;
+            };
+            let span = if window.reset.is_some_and(|reset| reset > MINUTE_RESET_MAX) {
+                DAY
+            } else {
+                MINUTE
+            };
+            let limit = window.limit.filter(|limit| *limit > 0);
+            let next = View {
+                window: span,
+                limit,
+                remaining: window.remaining,
+                implied_capacity: ratelimit::implied_capacity(&window, span.as_secs_f64()),
+            };
+            view = Some(match view {
+                None => next,
+                Some(current) => View {
+                    window: current.window,
+                    limit: min_some(current.limit, next.limit),
+                    remaining: min_some(current.remaining, next.remaining),
+                    implied_capacity: current.implied_capacity,
+                },
+            });
+        }
+        view
+    }
+}
+
+fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A configured limit above what the upstream announces cannot be had: it is lowered, and
+/// the operator told.
+fn warn_if_above_upstream(org: &str, model: &str, configured: &Limits, learned: &Limits) {
+    for (name, configured, learned) in [
+        ("rpm", configured.rpm, learned.rpm),
+        ("tpm", configured.tpm, learned.tpm),
+        ("rpd", configured.rpd, learned.rpd),
+        ("tpd", configured.tpd, learned.tpd),
+    ] {
+        if let (Some(configured), Some(learned)) = (configured, learned) {
+            if configured > learned {
+                tracing::warn!(
+                    org,
+                    model,
+                    limit = name,
+                    configured,
+                    upstream = learned,
+                    "configured limit is above the upstream's; using the upstream's"
+                );
+            }
+        }
+    }
+}
+
+/// Leaves the replay line however the replay ends.
+struct ReplayGuard<'a> {
+    queue: &'a BucketQueue,
+}
+
+impl Drop for ReplayGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.queue.lock();
+        state.gate.remove_replay();
+        state.wake_head();
     }
 }
 
@@ -419,11 +836,13 @@ mod tests {
             Arc::from("acme"),
             Arc::from("gpt-4o"),
             limits,
+            false,
             Arc::new(QueueBounds {
                 max_depth,
                 max_depth_per_bucket: max_depth,
                 interactive_reserve: reserve,
                 refill_margin: Duration::ZERO,
+                circuit_threshold: 3,
                 depth: AtomicUsize::new(0),
             }),
         ))
@@ -447,7 +866,7 @@ mod tests {
         priority: Priority,
         name: &'static str,
         log: &Arc<Mutex<Vec<(&'static str, Duration)>>>,
-    ) -> tokio::task::JoinHandle<Result<Duration, Rejection>> {
+    ) -> tokio::task::JoinHandle<Result<Admitted, Rejection>> {
         let queue = Arc::clone(queue);
         let log = Arc::clone(log);
         let start = Instant::now();
@@ -556,14 +975,14 @@ mod tests {
             .await
             .expect("waits");
         // 50 more tokens needed above the reserve, at 1000/60 per second: 3 s.
-        assert_eq!(waited, Duration::from_secs(3));
+        assert_eq!(waited.waited, Duration::from_secs(3));
         assert_eq!(start.elapsed(), Duration::from_secs(3));
         // Interactive traffic can still use the reserve.
         let waited = queue
             .admit(Cost::request(240), Priority::Interactive, far())
             .await
             .expect("fits");
-        assert_eq!(waited, Duration::ZERO);
+        assert_eq!(waited.waited, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

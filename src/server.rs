@@ -19,7 +19,12 @@ use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::org::Orgs;
 use crate::proxy;
+use crate::quota::Exhausted;
+use crate::retry::RetryBudget;
 use crate::upstream::Upstream;
+
+/// The window over which requests earn the right to retries.
+const RETRY_BUDGET_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Everything a request handler needs, shared behind one `Arc`.
 pub struct AppState {
@@ -28,6 +33,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub orgs: Orgs,
     pub limiter: Limiter,
+    /// Orgs in quota cool-down.
+    pub exhausted: Exhausted,
+    /// Bounds retries of failed requests to a share of the traffic.
+    pub retry_budget: RetryBudget,
     pub tokenizers: Arc<Tokenizers>,
     pub output_defaults: OutputDefaults,
     draining: AtomicBool,
@@ -58,7 +67,13 @@ impl AppState {
             upstream,
             metrics: Arc::new(Metrics::new()),
             orgs: Orgs::new(&config.orgs),
-            limiter: Limiter::new(&config.queue),
+            limiter: Limiter::new(&config.queue, config.retry.circuit_threshold),
+            exhausted: Exhausted::default(),
+            retry_budget: RetryBudget::new(
+                config.retry.budget_ratio,
+                config.retry.budget_min_per_sec,
+                RETRY_BUDGET_WINDOW,
+            ),
             tokenizers: tokenizers()?,
             output_defaults,
             config,

@@ -311,8 +311,13 @@ async fn client_disconnect_mid_stream_cancels_the_upstream_stream() {
 #[tokio::test]
 async fn upstream_errors_pass_through_unchanged() {
     let mock = mock().await;
+    let not_found = serde_json::json!({"error": {"message": "The model `gpt-9` does not exist", "type": "invalid_request_error", "param": null, "code": "model_not_found"}});
     mock.inject(FaultRule {
-        fault: Fault::InsufficientQuota,
+        fault: Fault::Status {
+            status: 404,
+            body: Some(not_found.clone()),
+            headers: vec![("x-upstream-note".to_owned(), "kept".to_owned())],
+        },
         path_contains: None,
         times: 1,
     });
@@ -325,17 +330,19 @@ async fn upstream_errors_pass_through_unchanged() {
         path_contains: None,
         times: 1,
     });
-    let sluice = Sluice::start(&mock.url()).await;
-    let quota = client()
+    // One attempt only: the 503 is the client's to see, exactly as sent.
+    let sluice = Sluice::start_with(&mock.url(), "[retry]\nmax_attempts = 1\n").await;
+    let missing = client()
         .post(sluice.url("/v1/chat/completions"))
         .bearer_auth(KEY)
         .json(&chat_body(false))
         .send()
         .await
         .unwrap();
-    assert_eq!(quota.status(), 429);
-    let error = assert_openai_error(&quota.bytes().await.unwrap());
-    assert_eq!(error["code"], "insufficient_quota");
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.headers()["x-upstream-note"], "kept");
+    let body: serde_json::Value = serde_json::from_slice(&missing.bytes().await.unwrap()).unwrap();
+    assert_eq!(body, not_found);
 
     let overloaded = client()
         .post(sluice.url("/v1/chat/completions"))
@@ -348,6 +355,7 @@ async fn upstream_errors_pass_through_unchanged() {
     assert_eq!(overloaded.headers()["retry-after"], "2");
     let error = assert_openai_error(&overloaded.bytes().await.unwrap());
     assert_eq!(error["code"], "server_is_overloaded");
+    assert_eq!(mock.stats().requests, 2);
     sluice.stop().await;
 }
 

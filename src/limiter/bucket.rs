@@ -5,13 +5,24 @@
 //! Pure logic: every method takes `now`, so tests drive time by hand. Levels are `f64` so the
 //! refill is exact between integer units; a level may go negative (debt) when usage turns
 //! out larger than its estimate, and it then takes correspondingly longer to refill.
+//!
+//! Each limit refills at `limit / window`, up to its *burst*: normally the whole limit, but a
+//! provider may enforce 600 RPM as 10 per second (PROTOCOL §1, quantized limits). When the
+//! upstream shows that (a 429 while its per-minute figures had room, or figures that imply a
+//! smaller bucket), the burst shrinks to what it really allows at once; the rate stays. A
+//! shrunk burst doubles again every [`BURST_RETRY`] without new evidence.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-const MINUTE: Duration = Duration::from_secs(60);
-const DAY: Duration = Duration::from_secs(86_400);
+pub const MINUTE: Duration = Duration::from_secs(60);
+pub const DAY: Duration = Duration::from_secs(86_400);
+
+/// How long a shrunk burst stays as it is before it doubles (back up to the whole limit).
+pub const BURST_RETRY: Duration = Duration::from_secs(60);
+/// 429s this close together come from one overshoot and count as one piece of evidence.
+const EVIDENCE_COALESCE: Duration = Duration::from_millis(200);
 
 /// What a bucket meters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -21,6 +32,8 @@ pub enum Resource {
 }
 
 impl Resource {
+    pub const BOTH: [Resource; 2] = [Resource::Requests, Resource::Tokens];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Requests => "requests",
@@ -42,6 +55,42 @@ impl Limits {
     pub fn is_empty(&self) -> bool {
         self.rpm.is_none() && self.tpm.is_none() && self.rpd.is_none() && self.tpd.is_none()
     }
+
+    /// The tighter of two sets of limits, field by field (a limit only one side has stands).
+    pub fn tightest(&self, other: &Limits) -> Limits {
+        fn min(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        Limits {
+            rpm: min(self.rpm, other.rpm),
+            tpm: min(self.tpm, other.tpm),
+            rpd: min(self.rpd, other.rpd),
+            tpd: min(self.tpd, other.tpd),
+        }
+    }
+
+    /// The limit of `resource` over `window` (a minute or a day).
+    pub fn get(&self, resource: Resource, window: Duration) -> Option<u64> {
+        match (resource, window == DAY) {
+            (Resource::Requests, false) => self.rpm,
+            (Resource::Tokens, false) => self.tpm,
+            (Resource::Requests, true) => self.rpd,
+            (Resource::Tokens, true) => self.tpd,
+        }
+    }
+
+    pub fn set(&mut self, resource: Resource, window: Duration, limit: u64) {
+        let field = match (resource, window == DAY) {
+            (Resource::Requests, false) => &mut self.rpm,
+            (Resource::Tokens, false) => &mut self.tpm,
+            (Resource::Requests, true) => &mut self.rpd,
+            (Resource::Tokens, true) => &mut self.tpd,
+        };
+        *field = Some(limit);
+    }
 }
 
 /// What one request takes from a bucket.
@@ -59,7 +108,7 @@ impl Cost {
         }
     }
 
-    fn of(self, resource: Resource) -> f64 {
+    pub fn of(self, resource: Resource) -> f64 {
         match resource {
             Resource::Requests => self.requests as f64,
             Resource::Tokens => self.tokens as f64,
@@ -67,15 +116,19 @@ impl Cost {
     }
 }
 
-/// One limit: `capacity` units, refilling continuously at `capacity / window`.
+/// One limit: `capacity` units over `window`, refilling continuously at `capacity / window`
+/// up to `burst` (at most `capacity`).
 #[derive(Clone, Debug)]
 struct Meter {
     resource: Resource,
     window: Duration,
     capacity: f64,
+    burst: f64,
     /// Units per second.
     rate: f64,
     level: f64,
+    /// When the burst (below capacity) next grows.
+    grow_at: Option<Instant>,
 }
 
 impl Meter {
@@ -85,15 +138,29 @@ impl Meter {
             resource,
             window,
             capacity,
+            burst: capacity,
             rate: capacity / window.as_secs_f64(),
             level: capacity,
+            grow_at: None,
+        }
+    }
+
+    /// Doubles a shrunk burst for every [`BURST_RETRY`] due by `now`. The level then refills
+    /// into the larger burst at the usual rate.
+    fn recover(&mut self, now: Instant) {
+        while let Some(at) = self.grow_at {
+            if at > now {
+                break;
+            }
+            self.burst = (self.burst * 2.0).min(self.capacity);
+            self.grow_at = (self.burst < self.capacity).then_some(at + BURST_RETRY);
         }
     }
 
     /// The level this meter must keep untouched for a request that may only use the share of
-    /// capacity above `keep` (a fraction in 0..1).
+    /// the burst above `keep` (a fraction in 0..1).
     fn floor(&self, keep: f64) -> f64 {
-        self.capacity * keep
+        self.burst * keep
     }
 
     /// Seconds until `amount` fits above `floor`, from the current level.
@@ -106,6 +173,13 @@ impl Meter {
         } else {
             f64::INFINITY
         }
+    }
+
+    /// What must be in the meter before `amount` may be taken: a request larger than the
+    /// burst (but within the limit) is admitted from a full burst and leaves the meter in
+    /// debt, as a quantized provider admits it; otherwise it could never run.
+    fn needed(&self, amount: f64) -> f64 {
+        amount.min(self.burst)
     }
 }
 
@@ -128,6 +202,8 @@ pub struct Bucket {
     updated: Instant,
     /// Seconds of refill left unused (see [`Bucket::with_margin`]).
     margin: f64,
+    /// When a shrink last happened: several 429s of one burst are one piece of evidence.
+    shrunk_at: Option<Instant>,
 }
 
 impl Bucket {
@@ -160,20 +236,27 @@ impl Bucket {
             meters,
             updated: now,
             margin: 0.0,
+            shrunk_at: None,
         }
+    }
+
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        !self.meters.is_empty()
     }
 
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         if elapsed > 0.0 {
             for meter in &mut self.meters {
-                meter.level = (meter.level + meter.rate * elapsed).min(meter.capacity);
+                meter.level = (meter.level + meter.rate * elapsed).min(meter.burst);
+                meter.recover(now);
             }
             self.updated = now;
         }
     }
 
-    /// Takes `cost` if every limit has room for it above `keep` (the share of each capacity
+    /// Takes `cost` if every limit has room for it above `keep` (the share of each burst
     /// reserved for others, 0..1); otherwise takes nothing and says how long until it fits.
     pub fn try_take(&mut self, cost: Cost, keep: f64, now: Instant) -> Result<(), Shortfall> {
         self.refill(now);
@@ -196,20 +279,14 @@ impl Bucket {
     }
 
     fn check(&self, cost: Cost, keep: f64) -> Result<(), Shortfall> {
+        self.fits_ever(cost)?;
         let mut longest: Option<(f64, Resource)> = None;
         for meter in &self.meters {
-            let amount = cost.of(meter.resource);
-            if amount > meter.capacity {
-                return Err(Shortfall::Never {
-                    resource: meter.resource,
-                    limit: meter.capacity as u64,
-                    window: meter.window,
-                });
-            }
+            let needed = meter.needed(cost.of(meter.resource));
             // A request bigger than the unreserved share may still use the reserve (and the
-            // margin): otherwise it could never run at all. It waits for a full bucket instead.
-            let floor = (meter.floor(keep) + meter.rate * self.margin).min(meter.capacity - amount);
-            let seconds = meter.seconds_until(amount, floor);
+            // margin): otherwise it could never run at all. It waits for a full burst instead.
+            let floor = (meter.floor(keep) + meter.rate * self.margin).min(meter.burst - needed);
+            let seconds = meter.seconds_until(needed, floor);
             if seconds > 0.0 && longest.is_none_or(|(s, _)| seconds > s) {
                 longest = Some((seconds, meter.resource));
             }
@@ -224,7 +301,8 @@ impl Bucket {
     }
 
     /// How long until the bucket has accumulated `cost` above `keep`, even when `cost` is
-    /// larger than a capacity (it is then the total of several requests taken in turn).
+    /// larger than a burst (it is then the total of several requests taken in turn, each as
+    /// the refill allows).
     pub fn projected_wait(&mut self, cost: Cost, keep: f64, now: Instant) -> Duration {
         self.refill(now);
         let seconds = self
@@ -252,11 +330,11 @@ impl Bucket {
         Ok(())
     }
 
-    /// Returns units to the bucket (a refund), never above capacity.
+    /// Returns units to the bucket (a refund), never above the burst.
     pub fn give_back(&mut self, cost: Cost, now: Instant) {
         self.refill(now);
         for meter in &mut self.meters {
-            meter.level = (meter.level + cost.of(meter.resource)).min(meter.capacity);
+            meter.level = (meter.level + cost.of(meter.resource)).min(meter.burst);
         }
     }
 
@@ -288,8 +366,17 @@ impl Bucket {
             .map(|meter| meter.capacity as u64)
     }
 
+    /// The burst of a resource's per-minute limit (its whole capacity unless shrunk).
+    pub fn burst(&self, resource: Resource) -> Option<f64> {
+        self.meters
+            .iter()
+            .find(|meter| meter.resource == resource && meter.window == MINUTE)
+            .map(|meter| meter.burst)
+    }
+
     /// Replaces the limits in place, keeping what has been spent: a bucket that had used 100
-    /// of 500 has 100 used of its new capacity too (clamped to it).
+    /// of 500 has 100 used of its new capacity too (clamped to it). A shrunk burst stays
+    /// shrunk (within the new capacity).
     pub fn set_limits(&mut self, limits: &Limits, now: Instant) {
         self.refill(now);
         let mut next = Self::new(limits, now);
@@ -300,11 +387,87 @@ impl Bucket {
                 .iter()
                 .find(|old| old.resource == meter.resource && old.window == meter.window)
             {
-                let spent = old.capacity - old.level;
-                meter.level = (meter.capacity - spent).min(meter.capacity);
+                let spent = old.burst - old.level;
+                if old.burst < old.capacity {
+                    meter.burst = old.burst.min(meter.capacity);
+                    meter.grow_at = old.grow_at.or(Some(now + BURST_RETRY));
+                }
+                meter.level = (meter.burst - spent).clamp(-meter.burst, meter.burst);
             }
         }
         self.meters = next.meters;
+    }
+
+    /// Corrects the level of `resource`'s limit over `window` toward what the upstream
+    /// reported: `remaining` units when it admitted a request `age` ago, since when sluice has
+    /// sent `sent_since` more units its way. Only ever lowers the level: a header is a
+    /// snapshot, and a stale one must not hand out budget the upstream no longer has.
+    /// Returns whether the level was lowered.
+    pub fn observe(
+        &mut self,
+        resource: Resource,
+        window: Duration,
+        remaining: f64,
+        sent_since: f64,
+        age: Duration,
+        now: Instant,
+    ) -> bool {
+        self.refill(now);
+        let mut lowered = false;
+        for meter in &mut self.meters {
+            if meter.resource != resource || meter.window != window {
+                continue;
+            }
+            let implied =
+                (remaining + meter.rate * age.as_secs_f64()).min(meter.burst) - sent_since;
+            if implied < meter.level {
+                meter.level = implied.max(-meter.burst);
+                lowered = true;
+            }
+        }
+        lowered
+    }
+
+    /// Limits how much of `resource`'s per-minute limit may go at once to `burst` units (at
+    /// least one unit), when the upstream shows it enforces the limit in smaller slices.
+    /// Never raises the burst; see [`Bucket::grow_burst`].
+    pub fn shrink_burst(&mut self, resource: Resource, burst: f64, now: Instant) {
+        self.refill(now);
+        for meter in &mut self.meters {
+            if meter.resource == resource && meter.window == MINUTE {
+                let burst = burst.max(1.0).min(meter.capacity);
+                if burst < meter.burst {
+                    meter.burst = burst;
+                    meter.level = meter.level.min(burst);
+                }
+                if meter.burst < meter.capacity {
+                    meter.grow_at = Some(now + BURST_RETRY);
+                }
+            }
+        }
+    }
+
+    /// A 429 although the upstream's per-minute budget had room: its burst is smaller than
+    /// this bucket's. The first time, the burst drops to one second's worth (the quantum
+    /// PROTOCOL §1 names); while the evidence continues, it halves. The 429s of one overshoot
+    /// count once.
+    pub fn burst_refused(&mut self, resource: Resource, now: Instant) {
+        if self
+            .shrunk_at
+            .is_some_and(|at| now.saturating_duration_since(at) < EVIDENCE_COALESCE)
+        {
+            return;
+        }
+        self.shrunk_at = Some(now);
+        let Some(meter) = self
+            .meters
+            .iter()
+            .find(|meter| meter.resource == resource && meter.window == MINUTE)
+        else {
+            return;
+        };
+        let burst = (meter.burst / 2.0).min(meter.rate);
+        self.shrink_burst(resource, burst, now);
     }
 }
 

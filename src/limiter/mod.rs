@@ -6,17 +6,25 @@
 //! gone, rejected, failed before sending).
 
 pub mod bucket;
+pub mod gate;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::config::{Accounting, QueueConfig};
-use crate::queue::{BucketQueue, Priority, QueueBounds, Rejection};
-use bucket::{Cost, Limits};
+use crate::queue::{BucketQueue, Mark, Priority, QueueBounds, RateLimited, Rejection};
+use crate::upstream::ratelimit::RateLimitHeaders;
+use bucket::{Cost, Limits, Resource};
+use gate::Probe;
+
+/// Buckets sluice keeps at most. Org and model names come from requests (keys, model
+/// fields), so without a bound a stream of made-up names would grow the map forever; past
+/// it, new (org, model) pairs are forwarded unmetered.
+const MAX_BUCKETS: usize = 10_000;
 
 /// Buckets by org, then by model.
 type Buckets = HashMap<Arc<str>, HashMap<Arc<str>, Arc<BucketQueue>>>;
@@ -24,26 +32,37 @@ type Buckets = HashMap<Arc<str>, HashMap<Arc<str>, Arc<BucketQueue>>>;
 /// Every bucket, by org then model.
 pub struct Limiter {
     buckets: RwLock<Buckets>,
+    count: AtomicUsize,
     bounds: Arc<QueueBounds>,
 }
 
 impl Limiter {
-    pub fn new(config: &QueueConfig) -> Self {
+    pub fn new(config: &QueueConfig, circuit_threshold: u32) -> Self {
         Self {
             buckets: RwLock::new(HashMap::new()),
+            count: AtomicUsize::new(0),
             bounds: Arc::new(QueueBounds {
                 max_depth: config.max_depth,
                 max_depth_per_bucket: config.max_depth_per_bucket,
                 interactive_reserve: config.interactive_reserve,
                 refill_margin: config.refill_margin,
+                circuit_threshold,
                 depth: AtomicUsize::new(0),
             }),
         }
     }
 
     /// The bucket of (org, model), created with `limits` on first use; an existing bucket
-    /// takes `limits` in place (keeping what it has spent) if they changed.
-    pub fn bucket(&self, org: &Arc<str>, model: &str, limits: Limits) -> Arc<BucketQueue> {
+    /// takes `limits` in place (keeping what it has spent) if they changed. A new bucket
+    /// without limits is created only to `learn` them, and only while fewer than
+    /// [`MAX_BUCKETS`] exist; otherwise `None`: nothing meters the pair.
+    pub fn bucket(
+        &self,
+        org: &Arc<str>,
+        model: &str,
+        limits: Limits,
+        learn: bool,
+    ) -> Option<Arc<BucketQueue>> {
         let existing = self
             .buckets
             .read()
@@ -53,45 +72,61 @@ impl Limiter {
             .cloned();
         if let Some(queue) = existing {
             queue.set_limits(limits);
-            return queue;
+            return Some(queue);
+        }
+        if limits.is_empty() && !learn {
+            return None;
         }
         let mut buckets = self
             .buckets
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let queue = buckets
+        if let Some(queue) = buckets.get(org).and_then(|models| models.get(model)) {
+            return Some(Arc::clone(queue));
+        }
+        if self.count.load(Ordering::Relaxed) >= MAX_BUCKETS {
+            return None;
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let queue = Arc::new(BucketQueue::new(
+            Arc::clone(org),
+            Arc::from(model),
+            limits,
+            learn,
+            Arc::clone(&self.bounds),
+        ));
+        buckets
             .entry(Arc::clone(org))
             .or_default()
-            .entry(Arc::from(model))
-            .or_insert_with(|| {
-                Arc::new(BucketQueue::new(
-                    Arc::clone(org),
-                    Arc::from(model),
-                    limits,
-                    Arc::clone(&self.bounds),
-                ))
-            });
-        Arc::clone(queue)
+            .insert(Arc::from(model), Arc::clone(&queue));
+        Some(queue)
     }
 
-    /// Waits for `cost` in the bucket of (org, model) and returns the reservation holding it.
+    /// Waits for `cost` in the bucket of (org, model) and returns the reservation holding it;
+    /// `None` when no bucket meters the pair (see [`Limiter::bucket`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn admit(
         &self,
         org: &Arc<str>,
         model: &str,
         limits: Limits,
+        learn: bool,
         cost: Cost,
         priority: Priority,
         deadline: Instant,
-    ) -> Result<Reservation, Rejection> {
-        let queue = self.bucket(org, model, limits);
-        let waited = queue.admit(cost, priority, deadline).await?;
-        Ok(Reservation {
+    ) -> Result<Option<Reservation>, Rejection> {
+        let Some(queue) = self.bucket(org, model, limits, learn) else {
+            return Ok(None);
+        };
+        let admitted = queue.admit(cost, priority, deadline).await?;
+        Ok(Some(Reservation {
             queue,
             cost,
             reached_upstream: false,
-            waited,
-        })
+            waited: admitted.waited,
+            probe: admitted.probe,
+            mark: None,
+        }))
     }
 
     /// Every bucket, for status and metrics.
@@ -111,8 +146,12 @@ pub struct Reservation {
     queue: Arc<BucketQueue>,
     cost: Cost,
     reached_upstream: bool,
-    /// Time spent queued before admission.
+    /// Time spent queued before admission (and before re-sends after 429s).
     pub waited: Duration,
+    /// Set while this request is its bucket's probe (learning limits, or testing a circuit).
+    probe: Option<Probe>,
+    /// When it was last sent upstream.
+    mark: Option<Mark>,
 }
 
 impl Reservation {
@@ -120,10 +159,55 @@ impl Reservation {
         self.cost
     }
 
-    /// The request is on its way upstream: the provider counts it from now on, so dropping
-    /// the reservation no longer refunds it.
-    pub fn reached_upstream(&mut self) {
+    pub fn bucket(&self) -> &Arc<BucketQueue> {
+        &self.queue
+    }
+
+    /// The request is on its way upstream (again, for a re-send): the provider counts it
+    /// from now on, so dropping the reservation no longer refunds it.
+    pub fn dispatch(&mut self) {
         self.reached_upstream = true;
+        self.mark = Some(self.queue.dispatched(self.cost));
+    }
+
+    /// Corrects the bucket with the rate-limit headers of this request's response.
+    pub fn observe(&self, headers: &RateLimitHeaders) {
+        if let Some(mark) = self.mark {
+            self.queue.observe(mark, headers);
+        }
+    }
+
+    /// The upstream answered without a rate limit.
+    pub fn answered(&mut self) {
+        self.queue.answered(self.probe.take());
+    }
+
+    /// The upstream answered 429; see [`BucketQueue::rate_limited`]. Returns whether the
+    /// bucket's circuit opened.
+    pub fn rate_limited(
+        &mut self,
+        resume: Instant,
+        reset: Instant,
+        burst: Option<Resource>,
+        reason: &'static str,
+    ) -> bool {
+        self.queue.rate_limited(RateLimited {
+            resume,
+            reset,
+            burst,
+            probe: self.probe.take(),
+            reason,
+        })
+    }
+
+    /// Waits, keeping the budget and the head of the line, until the request may be sent
+    /// again; `Err` with the remaining wait when that is after `deadline`.
+    pub async fn replay(&mut self, deadline: Instant) -> Result<(), Duration> {
+        let started = Instant::now();
+        let result = self.queue.replay(deadline).await;
+        self.waited += started.elapsed();
+        self.probe = result?;
+        Ok(())
     }
 
     /// Gives the whole reservation back: the request turned out never to reach the upstream
@@ -152,6 +236,9 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        if let Some(probe) = self.probe.take() {
+            self.queue.abandon_probe(probe);
+        }
         if !self.reached_upstream {
             self.queue.give_back(self.cost);
         }
@@ -205,14 +292,17 @@ mod tests {
     }
 
     fn limiter() -> Limiter {
-        Limiter::new(&QueueConfig {
-            max_wait: Duration::from_secs(60),
-            max_depth: 10,
-            max_depth_per_bucket: 10,
-            interactive_reserve: 0.0,
-            client_timeout_margin: Duration::from_secs(2),
-            refill_margin: Duration::ZERO,
-        })
+        Limiter::new(
+            &QueueConfig {
+                max_wait: Duration::from_secs(60),
+                max_depth: 10,
+                max_depth_per_bucket: 10,
+                interactive_reserve: 0.0,
+                client_timeout_margin: Duration::from_secs(2),
+                refill_margin: Duration::ZERO,
+            },
+            3,
+        )
     }
 
     fn tpm(tokens: u64) -> Limits {
@@ -224,23 +314,27 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reservation_has_exactly_two_exits() {
-        use bucket::Resource;
-        let limiter = limiter();
-        let org: Arc<str> = Arc::from("acme");
+        let limiter = &limiter();
+        let org: &Arc<str> = &Arc::from("acme");
         let far = Instant::now() + Duration::from_secs(60);
-        let admit = |tokens| {
-            limiter.admit(
-                &org,
-                "m",
-                tpm(1000),
-                Cost::request(tokens),
-                Priority::Interactive,
-                far,
-            )
+        let admit = |tokens| async move {
+            limiter
+                .admit(
+                    org,
+                    "m",
+                    tpm(1000),
+                    false,
+                    Cost::request(tokens),
+                    Priority::Interactive,
+                    far,
+                )
+                .await
+                .map(|reservation| reservation.expect("a limited bucket"))
         };
         let tokens = || {
             limiter
-                .bucket(&org, "m", tpm(1000))
+                .bucket(org, "m", tpm(1000), false)
+                .expect("limited")
                 .available(Resource::Tokens)
         };
 
@@ -249,12 +343,12 @@ mod tests {
         assert_eq!(tokens(), Some(1000.0));
         // Refused connection: refunded, even after being marked as sent.
         let mut reservation = admit(600).await.expect("fits");
-        reservation.reached_upstream();
+        reservation.dispatch();
         reservation.refund();
         assert_eq!(tokens(), Some(1000.0));
         // Reached the upstream, then dropped without usage: stays spent.
         let mut reservation = admit(600).await.expect("fits");
-        reservation.reached_upstream();
+        reservation.dispatch();
         drop(reservation);
         assert_eq!(tokens(), Some(400.0));
         // Settled: usage above the estimate is debt, below it a refund.

@@ -103,8 +103,17 @@ pub struct ObservedBody<B, F: FnOnce(BodyEnd)> {
     tap: Option<UsageTap>,
     /// Set once the inner body ended and the tap's held-back bytes were flushed.
     done: bool,
+    /// An SSE stream: a failure of the upstream body ends it with an error event instead of
+    /// a cut connection, so the client's SDK raises an error instead of seeing a short answer.
+    error_event: bool,
+    /// The bytes forwarded so far end at an event boundary.
+    at_boundary: bool,
     on_end: Option<F>,
 }
+
+/// The SSE event that ends a stream whose upstream broke (PROTOCOL §2: mid-stream errors
+/// arrive as `data: {"error": ...}`).
+const BROKEN_STREAM_EVENT: &str = "data: {\"error\":{\"message\":\"The upstream connection broke mid-stream; this response is incomplete. Send the request again.\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_broken\"}}\n\n";
 
 impl<B, F: FnOnce(BodyEnd)> ObservedBody<B, F> {
     pub fn new(inner: B, tap: Option<UsageTap>, on_end: F) -> Self {
@@ -113,7 +122,24 @@ impl<B, F: FnOnce(BodyEnd)> ObservedBody<B, F> {
             bytes: 0,
             tap,
             done: false,
+            error_event: false,
+            at_boundary: true,
             on_end: Some(on_end),
+        }
+    }
+
+    /// Ends the stream with an SSE error event if the upstream body fails.
+    pub fn with_error_event(mut self) -> Self {
+        self.error_event = true;
+        self
+    }
+
+    fn broken_stream_event(&self) -> Bytes {
+        if self.at_boundary {
+            Bytes::from_static(BROKEN_STREAM_EVENT.as_bytes())
+        } else {
+            // Close the event the stream broke inside first; the client's parser drops it.
+            Bytes::from([b"\n\n", BROKEN_STREAM_EVENT.as_bytes()].concat())
         }
     }
 
@@ -172,6 +198,10 @@ where
                     };
                     if let Some(data) = frame.data_ref() {
                         this.bytes += data.len() as u64;
+                        if !data.is_empty() {
+                            this.at_boundary =
+                                data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
+                        }
                     }
                     if ending {
                         this.done = true;
@@ -182,6 +212,11 @@ where
                 Poll::Ready(Some(Err(err))) => {
                     this.done = true;
                     this.end(BodyOutcome::Failed);
+                    if this.error_event {
+                        let event = this.broken_stream_event();
+                        this.bytes += event.len() as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(event))));
+                    }
                     Poll::Ready(Some(Err(err)))
                 }
                 Poll::Ready(None) => {

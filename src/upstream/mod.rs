@@ -1,6 +1,7 @@
 //! The upstream side: one shared HTTP client and the header rules for crossing the proxy.
 
 pub mod body;
+pub mod ratelimit;
 pub mod usage;
 
 use std::time::Duration;
