@@ -77,6 +77,46 @@ impl AccessRecord {
         self.queue_ms = Some(millis(waited));
     }
 
+    /// sluice answered 429 itself (`reason`: deadline, queue_full, too_large).
+    pub fn rejected(&self, reason: &str) {
+        let (org, model) = self.labels();
+        self.metrics
+            .queue_rejections
+            .with_label_values(&[org, model, reason])
+            .inc();
+    }
+
+    /// The upstream answered 429 (`reason`: see [`crate::retry::Class::label`]).
+    pub fn upstream_429(&self, reason: &str) {
+        let (org, model) = self.labels();
+        self.metrics
+            .upstream_429
+            .with_label_values(&[org, model, reason])
+            .inc();
+    }
+
+    /// The request is sent upstream again (`reason`: rate_limit, server_error, connection).
+    pub fn retried(&self, reason: &str) {
+        let (org, model) = self.labels();
+        self.metrics
+            .retries
+            .with_label_values(&[org, model, reason])
+            .inc();
+    }
+
+    /// The `org` and `model` metric labels of this exchange (capped; `none` when unknown).
+    fn labels(&self) -> (&str, &str) {
+        let org = self
+            .org
+            .as_deref()
+            .map_or("none", |org| self.metrics.org(org));
+        let model = self
+            .model
+            .as_deref()
+            .map_or("none", |model| self.metrics.model(model));
+        (org, model)
+    }
+
     pub fn usage(&mut self, prompt_tokens: u64, completion_tokens: u64) {
         self.usage = Some((prompt_tokens, completion_tokens));
     }
@@ -84,6 +124,13 @@ impl AccessRecord {
     /// Marks the moment the request left for the upstream; returns it for the caller's use.
     pub fn upstream_sent(&mut self) -> Instant {
         let now = Instant::now();
+        if self.upstream.is_none() {
+            let queued = std::time::Duration::from_secs_f64(self.queue_ms.unwrap_or(0.0) / 1000.0);
+            let inside = now
+                .saturating_duration_since(self.started)
+                .saturating_sub(queued);
+            self.metrics.overhead.observe(inside.as_secs_f64());
+        }
         self.upstream = Some(UpstreamTiming {
             sent: now,
             headers_after: std::time::Duration::ZERO,
@@ -95,11 +142,13 @@ impl AccessRecord {
     pub fn upstream_headers(&mut self) {
         if let Some(timing) = &mut self.upstream {
             timing.headers_after = timing.sent.elapsed();
+            let headers_after = timing.headers_after;
             if let Some(endpoint) = self.endpoint {
+                let (org, model) = self.labels();
                 self.metrics
                     .upstream_ttfb
-                    .with_label_values(&[endpoint.label()])
-                    .observe(timing.headers_after.as_secs_f64());
+                    .with_label_values(&[org, model, endpoint.label()])
+                    .observe(headers_after.as_secs_f64());
             }
         }
     }
@@ -110,20 +159,50 @@ impl AccessRecord {
         self.finished = true;
         self.metrics.in_flight.dec();
         let endpoint = self.endpoint.map_or("none", Endpoint::label);
-        self.metrics
+        let (org_label, model_label) = self.labels();
+        let metrics = &self.metrics;
+        metrics
             .requests
-            .with_label_values(&[endpoint, status.as_str()])
+            .with_label_values(&[org_label, model_label, endpoint, status.as_str()])
             .inc();
         let upstream_ms = self.upstream.as_ref().map(|timing| {
             let elapsed = timing.sent.elapsed();
             if let Some(endpoint) = self.endpoint {
-                self.metrics
+                metrics
                     .upstream_duration
-                    .with_label_values(&[endpoint.label()])
+                    .with_label_values(&[org_label, model_label, endpoint.label()])
                     .observe(elapsed.as_secs_f64());
             }
             millis(elapsed)
         });
+        if let Some(queue_ms) = self.queue_ms {
+            metrics
+                .queue_wait
+                .with_label_values(&[org_label, model_label])
+                .observe(queue_ms / 1000.0);
+            if let Some((prompt, output)) = self.estimate {
+                metrics
+                    .tokens_reserved
+                    .with_label_values(&[org_label, model_label])
+                    .inc_by(prompt + output);
+            }
+        }
+        if let Some((prompt, completion)) = self.usage {
+            metrics
+                .tokens_used
+                .with_label_values(&[org_label, model_label, "prompt"])
+                .inc_by(prompt);
+            metrics
+                .tokens_used
+                .with_label_values(&[org_label, model_label, "completion"])
+                .inc_by(completion);
+            if let (Some((estimated, _)), true) = (self.estimate, prompt > 0) {
+                metrics
+                    .prompt_estimate_ratio
+                    .with_label_values(&[model_label])
+                    .observe(estimated as f64 / prompt as f64);
+            }
+        }
         let total_ms = millis(self.started.elapsed());
         let outcome = match end.outcome {
             BodyOutcome::Complete => "complete",
@@ -164,10 +243,11 @@ impl Drop for AccessRecord {
             self.finished = true;
             self.metrics.in_flight.dec();
             let endpoint = self.endpoint.map_or("none", Endpoint::label);
+            let (org, model) = self.labels();
             // 499, as nginx logs it: the client closed the request before a response.
             self.metrics
                 .requests
-                .with_label_values(&[endpoint, "499"])
+                .with_label_values(&[org, model, endpoint, "499"])
                 .inc();
             tracing::warn!(
                 target: "sluice::access",

@@ -56,6 +56,8 @@ const DEFAULT_QUOTA_COOLDOWN_SECS: f64 = 60.0;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// A separate address for `/metrics`, `/status` and the health endpoints, if any.
+    pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub upstream: UpstreamConfig,
     pub server: ServerConfig,
@@ -178,6 +180,7 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub upstream: Option<String>,
     pub log_format: Option<LogFormat>,
 }
@@ -186,6 +189,7 @@ pub struct Overrides {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
+    metrics_listen: Option<String>,
     log_format: Option<LogFormat>,
     #[serde(default)]
     upstream: RawUpstream,
@@ -406,6 +410,24 @@ fn validate(
         SocketAddr::from(([127, 0, 0, 1], 8787))
     });
 
+    let (metrics_text, metrics_key) = match &overrides.metrics_listen {
+        Some(value) => (
+            Some(value.as_str()),
+            "metrics_listen (from --metrics-listen / SLUICE_METRICS_LISTEN)",
+        ),
+        None => (raw.metrics_listen.as_deref(), "metrics_listen"),
+    };
+    let metrics_listen = metrics_text.and_then(|text| match text.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(err) => {
+            issues.add(
+                metrics_key,
+                format!("{text:?} is not an IP:port address ({err}); for example \"0.0.0.0:9090\""),
+            );
+            None
+        }
+    });
+
     let (url_text, url_key) = match &overrides.upstream {
         Some(value) => (
             value.as_str(),
@@ -532,6 +554,7 @@ fn validate(
     }
     Ok(Config {
         listen,
+        metrics_listen,
         log_format: overrides.log_format.or(raw.log_format).unwrap_or_default(),
         upstream: UpstreamConfig {
             base_url,
@@ -989,6 +1012,7 @@ mod tests {
             listen: Some("127.0.0.1:9999".to_owned()),
             upstream: Some("http://127.0.0.1:1".to_owned()),
             log_format: Some(LogFormat::Json),
+            ..Overrides::default()
         };
         let text = "listen = \"127.0.0.1:1111\"\nlog_format = \"pretty\"\n[upstream]\nurl = \"http://a:2\"\n";
         let config = Config::parse(text, "t", &overrides).expect("valid");

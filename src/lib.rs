@@ -47,11 +47,30 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let state = Arc::new(server::AppState::new(config)?);
+    let ops = match state.config.metrics_listen {
+        Some(addr) => {
+            let ops_listener = TcpListener::bind(addr)
+                .await
+                .map_err(|err| StartError::Bind(addr, err))?;
+            tracing::info!("metrics and status on http://{addr}/metrics");
+            let app = server::ops_app(Arc::clone(&state));
+            Some(tokio::spawn(async move {
+                if let Err(err) = axum::serve(ops_listener, app).await {
+                    tracing::error!(error = %err, "metrics listener failed");
+                }
+            }))
+        }
+        None => None,
+    };
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             upstream = %state.config.upstream.base_url,
             "sluice listening on http://{addr}"
         );
     }
-    server::serve(listener, state, shutdown).await
+    let served = server::serve(listener, state, shutdown).await;
+    if let Some(ops) = ops {
+        ops.abort();
+    }
+    served
 }

@@ -29,6 +29,10 @@ struct Cli {
     /// Address to listen on [default: 127.0.0.1:8787].
     #[arg(long, env = "SLUICE_LISTEN")]
     listen: Option<String>,
+    /// A separate address for /metrics, /status and the health endpoints [default: none;
+    /// they are served on --listen].
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Upstream API origin [default: https://api.openai.com].
     #[arg(long, env = "SLUICE_UPSTREAM")]
     upstream: Option<String>,
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let overrides = Overrides {
         listen: cli.listen.clone(),
+        metrics_listen: cli.metrics_listen.clone(),
         upstream: cli.upstream.clone(),
         log_format: cli.log_format,
     };

@@ -1,104 +1,405 @@
 //! sluice's Prometheus metrics, in a registry the server owns (not the global one), so two
-//! servers in one test process never share counters.
+//! servers in one test process never share counters. The names are a contract (README).
 //!
-//! Label values are bounded by construction: `endpoint` comes from [`crate::endpoint::Endpoint`]
-//! and `status` from HTTP status codes.
+//! Label values are bounded: `endpoint` comes from [`crate::endpoint::Endpoint`], `status`
+//! from HTTP status codes, reasons from fixed lists, and `org` and `model` from what requests
+//! name, admitted up to [`MAX_ORG_LABELS`] / [`MAX_MODEL_LABELS`] distinct values and `other`
+//! beyond. Never a key: an org without a configured name is `key-` plus a hash prefix.
+//!
+//! Counters and histograms are recorded as requests run; the gauges describing buckets (the
+//! upstream's last rate-limit headers, sluice's own view, queue depth, circuit) are read from
+//! the buckets when `/metrics` is scraped, so keeping them costs requests nothing.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::limiter::bucket::Resource;
+use crate::limiter::gate::Circuit;
+use crate::queue::BucketQueue;
+
 /// Buckets from 1 ms to 10 min: upstream calls range from cached embeddings to long
-/// reasoning-model streams.
+/// reasoning-model streams, and queue waits up to the longest deadline.
 const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0,
     120.0, 300.0, 600.0,
 ];
 
+/// Time spent inside sluice itself: microseconds to a few milliseconds.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+
+/// Estimated / actual prompt tokens: 1 is a perfect estimate.
+const RATIO_BUCKETS: &[f64] = &[
+    0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0, 1.01, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0,
+];
+
+pub const MAX_ORG_LABELS: usize = 200;
+pub const MAX_MODEL_LABELS: usize = 100;
+
+/// Distinct values a label may take, then `other`.
+struct LabelCap {
+    seen: RwLock<HashSet<Box<str>>>,
+    max: usize,
+}
+
+impl LabelCap {
+    fn new(max: usize) -> Self {
+        Self {
+            seen: RwLock::new(HashSet::new()),
+            max,
+        }
+    }
+
+    fn get<'a>(&self, value: &'a str) -> &'a str {
+        if self
+            .seen
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(value)
+        {
+            return value;
+        }
+        let mut seen = self
+            .seen
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if seen.contains(value) {
+            value
+        } else if seen.len() < self.max {
+            seen.insert(value.into());
+            value
+        } else {
+            "other"
+        }
+    }
+
+    fn admitted(&self, value: &str) -> bool {
+        self.seen
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(value)
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
-    /// Requests answered, by endpoint and final status (sluice's own errors included).
+    /// Requests answered, by org, model, endpoint and final status (sluice's own errors too).
     pub requests: IntCounterVec,
     /// From sending upstream to the end of the upstream body.
     pub upstream_duration: HistogramVec,
     /// From sending upstream to the upstream's response headers.
     pub upstream_ttfb: HistogramVec,
+    /// Time inside sluice before the request left for the upstream, queueing excluded.
+    pub overhead: Histogram,
     pub in_flight: IntGauge,
+    pub upstream_429: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub queue_wait: HistogramVec,
+    pub queue_rejections: IntCounterVec,
+    pub tokens_reserved: IntCounterVec,
+    pub tokens_used: IntCounterVec,
+    pub prompt_estimate_ratio: HistogramVec,
+    pub config_reloads: IntCounterVec,
+    pub header_errors: IntCounter,
+    ratelimit_limit: GaugeVec,
+    ratelimit_remaining: GaugeVec,
+    ratelimit_reset: GaugeVec,
+    bucket_available: GaugeVec,
+    circuit_open: IntGaugeVec,
+    queue_depth: IntGaugeVec,
+    orgs: LabelCap,
+    models: LabelCap,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("static definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let metric = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("static definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let metric = GaugeVec::new(Opts::new(name, help), labels).expect("static definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("static definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "sluice_requests_total",
-                "Requests answered, by endpoint and status.",
-            ),
-            &["endpoint", "status"],
-        )
-        .expect("static metric definition");
-        let upstream_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "sluice_upstream_duration_seconds",
-                "Time from sending a request upstream to the end of its response body.",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["endpoint"],
-        )
-        .expect("static metric definition");
-        let upstream_ttfb = HistogramVec::new(
-            HistogramOpts::new(
-                "sluice_upstream_ttfb_seconds",
-                "Time from sending a request upstream to its response headers.",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["endpoint"],
-        )
-        .expect("static metric definition");
+        let r = Registry::new();
+        let bucket = &["org", "model", "resource"];
         let in_flight = IntGauge::new(
             "sluice_requests_in_flight",
             "Requests being proxied now, streams included.",
         )
-        .expect("static metric definition");
-        let build_info = IntGaugeVec::new(
-            Opts::new("sluice_build_info", "sluice's version; always 1."),
-            &["version"],
+        .expect("static definition");
+        r.register(Box::new(in_flight.clone()))
+            .expect("metric names are unique");
+        let overhead = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_overhead_seconds",
+                "Time inside sluice before a request leaves for the upstream, queueing excluded.",
+            )
+            .buckets(OVERHEAD_BUCKETS.to_vec()),
         )
-        .expect("static metric definition");
+        .expect("static definition");
+        r.register(Box::new(overhead.clone()))
+            .expect("metric names are unique");
+        let header_errors = IntCounter::new(
+            "sluice_upstream_header_errors_total",
+            "x-ratelimit-* header values the upstream sent that could not be parsed (ignored).",
+        )
+        .expect("static definition");
+        r.register(Box::new(header_errors.clone()))
+            .expect("metric names are unique");
+        let build_info = int_gauge(
+            &r,
+            "sluice_build_info",
+            "sluice's version; always 1.",
+            &["version"],
+        );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
-        for collector in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(upstream_duration.clone()),
-            Box::new(upstream_ttfb.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(build_info),
-        ] {
-            registry
-                .register(collector)
-                .expect("metric names are unique");
+        let config_reloads = counter(
+            &r,
+            "sluice_config_reloads_total",
+            "Configuration reloads, by result (ok, error).",
+            &["result"],
+        );
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
         }
         Self {
-            registry,
-            requests,
-            upstream_duration,
-            upstream_ttfb,
+            requests: counter(
+                &r,
+                "sluice_requests_total",
+                "Requests answered, by org, model, endpoint and status.",
+                &["org", "model", "endpoint", "status"],
+            ),
+            upstream_duration: histogram(
+                &r,
+                "sluice_upstream_duration_seconds",
+                "Time from sending a request upstream to the end of its response body.",
+                &["org", "model", "endpoint"],
+                DURATION_BUCKETS,
+            ),
+            upstream_ttfb: histogram(
+                &r,
+                "sluice_upstream_ttfb_seconds",
+                "Time from sending a request upstream to its response headers.",
+                &["org", "model", "endpoint"],
+                DURATION_BUCKETS,
+            ),
+            overhead,
             in_flight,
+            upstream_429: counter(
+                &r,
+                "sluice_upstream_429_total",
+                "429s the upstream answered, by reason \
+                 (requests, tokens, slow_down, quota, too_large, other).",
+                &["org", "model", "reason"],
+            ),
+            retries: counter(
+                &r,
+                "sluice_retries_total",
+                "Requests sent upstream again, by reason (rate_limit, server_error, connection).",
+                &["org", "model", "reason"],
+            ),
+            queue_wait: histogram(
+                &r,
+                "sluice_queue_wait_seconds",
+                "Time a request waited in sluice before reaching the upstream (queue and 429 \
+                 replays).",
+                &["org", "model"],
+                DURATION_BUCKETS,
+            ),
+            queue_rejections: counter(
+                &r,
+                "sluice_queue_rejections_total",
+                "Requests sluice answered 429 itself, by reason (deadline, queue_full, too_large).",
+                &["org", "model", "reason"],
+            ),
+            tokens_reserved: counter(
+                &r,
+                "sluice_tokens_reserved_total",
+                "Tokens charged at admission (prompt estimate plus output reserved).",
+                &["org", "model"],
+            ),
+            tokens_used: counter(
+                &r,
+                "sluice_tokens_used_total",
+                "Tokens the upstream reported using, by kind (prompt, completion).",
+                &["org", "model", "kind"],
+            ),
+            prompt_estimate_ratio: histogram(
+                &r,
+                "sluice_prompt_estimate_ratio",
+                "Estimated / actual prompt tokens per request: how good the estimator is.",
+                &["model"],
+                RATIO_BUCKETS,
+            ),
+            config_reloads,
+            header_errors,
+            ratelimit_limit: gauge(
+                &r,
+                "sluice_upstream_ratelimit_limit",
+                "The limit in the upstream's last x-ratelimit-limit-* header.",
+                bucket,
+            ),
+            ratelimit_remaining: gauge(
+                &r,
+                "sluice_upstream_ratelimit_remaining",
+                "What was left in the upstream's last x-ratelimit-remaining-* header.",
+                bucket,
+            ),
+            ratelimit_reset: gauge(
+                &r,
+                "sluice_upstream_ratelimit_reset_seconds",
+                "The upstream's last x-ratelimit-reset-* header, in seconds.",
+                bucket,
+            ),
+            bucket_available: gauge(
+                &r,
+                "sluice_bucket_available",
+                "sluice's own view of a bucket: units available now (negative in debt).",
+                bucket,
+            ),
+            circuit_open: int_gauge(
+                &r,
+                "sluice_circuit_open",
+                "1 while a bucket's circuit breaker stops dispatching (or lets one probe out).",
+                &["org", "model"],
+            ),
+            queue_depth: int_gauge(
+                &r,
+                "sluice_queue_depth",
+                "Requests waiting in a bucket's queue, by priority.",
+                &["org", "model", "priority"],
+            ),
+            registry: r,
+            orgs: LabelCap::new(MAX_ORG_LABELS),
+            models: LabelCap::new(MAX_MODEL_LABELS),
         }
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut buffer = Vec::with_capacity(8 * 1024);
+    /// The `org` label for an org name (its own name until the cap, then `other`).
+    pub fn org<'a>(&self, org: &'a str) -> &'a str {
+        self.orgs.get(org)
+    }
+
+    /// The `model` label for a model name (its own name until the cap, then `other`).
+    pub fn model<'a>(&self, model: &'a str) -> &'a str {
+        self.models.get(model)
+    }
+
+    /// Reads every bucket into the gauges, then renders the Prometheus text exposition.
+    pub fn render(&self, buckets: &[Arc<BucketQueue>]) -> String {
+        self.refresh(buckets);
+        let mut buffer = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail on I/O; a failure here would be a bug in the
         // metric definitions, which the tests render.
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::error!(error = %err, "could not encode metrics");
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    fn refresh(&self, buckets: &[Arc<BucketQueue>]) {
+        for gauge in [
+            &self.ratelimit_limit,
+            &self.ratelimit_remaining,
+            &self.ratelimit_reset,
+            &self.bucket_available,
+        ] {
+            gauge.reset();
+        }
+        self.circuit_open.reset();
+        self.queue_depth.reset();
+        for queue in buckets {
+            // Buckets beyond the label caps share no series: they are left out rather than
+            // overwrite each other under `other`.
+            if !self.orgs.admitted(&queue.org) || !self.models.admitted(&queue.model) {
+                continue;
+            }
+            let org: &str = &queue.org;
+            let model: &str = &queue.model;
+            let status = queue.status();
+            if let Some((headers, _)) = &status.upstream {
+                for (resource, window) in headers.iter() {
+                    let labels = [org, model, resource.label()];
+                    if let Some(limit) = window.limit {
+                        self.ratelimit_limit
+                            .with_label_values(&labels)
+                            .set(limit as f64);
+                    }
+                    if let Some(remaining) = window.remaining {
+                        self.ratelimit_remaining
+                            .with_label_values(&labels)
+                            .set(remaining as f64);
+                    }
+                    if let Some(reset) = window.reset {
+                        self.ratelimit_reset
+                            .with_label_values(&labels)
+                            .set(reset.as_secs_f64());
+                    }
+                }
+            }
+            for (index, resource) in Resource::BOTH.into_iter().enumerate() {
+                if let Some(available) = status.available[index] {
+                    self.bucket_available
+                        .with_label_values(&[org, model, resource.label()])
+                        .set(available);
+                }
+            }
+            let open = !matches!(status.circuit, Circuit::Closed);
+            self.circuit_open
+                .with_label_values(&[org, model])
+                .set(i64::from(open));
+            let (interactive, batch) = status.depth;
+            self.queue_depth
+                .with_label_values(&[org, model, "interactive"])
+                .set(interactive as i64);
+            self.queue_depth
+                .with_label_values(&[org, model, "batch"])
+                .set(batch as i64);
+        }
     }
 }
 
@@ -117,25 +418,33 @@ mod tests {
         let metrics = Metrics::new();
         metrics
             .requests
-            .with_label_values(&["chat_completions", "200"])
+            .with_label_values(&["acme", "gpt-4o", "chat_completions", "200"])
             .inc();
         metrics
             .upstream_ttfb
-            .with_label_values(&["chat_completions"])
+            .with_label_values(&["acme", "gpt-4o", "chat_completions"])
             .observe(0.01);
-        metrics
-            .upstream_duration
-            .with_label_values(&["chat_completions"])
-            .observe(0.02);
-        let text = metrics.render();
+        metrics.overhead.observe(0.0001);
+        let text = metrics.render(&[]);
         for name in [
-            "sluice_requests_total{endpoint=\"chat_completions\",status=\"200\"} 1",
-            "sluice_upstream_duration_seconds_bucket",
+            "sluice_requests_total{endpoint=\"chat_completions\",model=\"gpt-4o\",org=\"acme\",status=\"200\"} 1",
             "sluice_upstream_ttfb_seconds_count",
+            "sluice_overhead_seconds_count 1",
             "sluice_requests_in_flight 0",
+            "sluice_config_reloads_total{result=\"error\"} 0",
             "sluice_build_info{version=",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn label_values_are_capped() {
+        let cap = LabelCap::new(2);
+        assert_eq!(cap.get("a"), "a");
+        assert_eq!(cap.get("b"), "b");
+        assert_eq!(cap.get("c"), "other");
+        assert_eq!(cap.get("a"), "a");
+        assert!(!cap.admitted("c"));
     }
 }

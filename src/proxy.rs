@@ -235,14 +235,24 @@ impl Exchange<'_> {
             let response = match self.send(admission, record).await {
                 Ok(response) => response,
                 Err(err) => {
-                    // A refused connection never reached the upstream: safe to try again.
-                    if err.is_connect() {
+                    // No response came back: the connection was refused, or it failed before
+                    // the upstream answered. Nothing reached the client yet, so it may go again;
+                    // a timeout is not retried (the upstream may still be working on it).
+                    if err.is_connect() || (err.is_request() && !err.is_timeout()) {
                         if let Some(wait) = self.retry_wait(None) {
-                            tracing::info!(attempt = self.attempt, wait_ms = wait.as_millis() as u64, error = %err, "upstream connection failed; retrying");
+                            record.retried("connection");
+                            tracing::info!(
+                                attempt = self.attempt,
+                                wait_ms = wait.as_millis() as u64,
+                                error = %err,
+                                "upstream connection failed; retrying"
+                            );
                             tokio::time::sleep(wait).await;
                             continue;
                         }
-                        // It never reached the upstream: give the budget back.
+                    }
+                    // A refused connection never reached the upstream: give the budget back.
+                    if err.is_connect() {
                         if let Some(admitted) = admission.take() {
                             admitted.reservation.refund();
                         }
@@ -253,6 +263,10 @@ impl Exchange<'_> {
             record.upstream_headers();
             let limits = RateLimitHeaders::parse(response.headers());
             if limits.malformed() > 0 {
+                self.state
+                    .metrics
+                    .header_errors
+                    .inc_by(u64::from(limits.malformed()));
                 tracing::debug!(
                     count = limits.malformed(),
                     "ignored malformed x-ratelimit-* headers"
@@ -278,10 +292,16 @@ impl Exchange<'_> {
                 self.estimated_tokens,
                 token_limit,
             );
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                record.upstream_429(class.label());
+            }
             match class {
                 Class::RateLimited(_) | Class::SlowDown => {
                     match self.pause(class, &error, &limits, admission).await {
-                        Ok(()) => continue,
+                        Ok(()) => {
+                            record.retried("rate_limit");
+                            continue;
+                        }
                         Err(answer) => return Ok(answer),
                     }
                 }
@@ -322,6 +342,7 @@ impl Exchange<'_> {
                     )
                     .map(|(wait, _)| wait);
                     if let Some(wait) = self.retry_wait(hint) {
+                        record.retried("server_error");
                         tracing::info!(
                             status = status.as_u16(),
                             attempt = self.attempt,
@@ -759,6 +780,13 @@ fn reject(err: ProxyError, record: AccessRecord) -> Response {
     match err.fault() {
         crate::error::Fault::Client => tracing::info!(error = %err, "request rejected"),
         _ => tracing::warn!(error = %err, "request failed"),
+    }
+    if let ProxyError::Rejected { rejection, .. } = &err {
+        record.rejected(match rejection {
+            crate::queue::Rejection::TooLarge { .. } => "too_large",
+            crate::queue::Rejection::Deadline { .. } => "deadline",
+            crate::queue::Rejection::QueueFull { .. } => "queue_full",
+        });
     }
     let status = err.status();
     let code = err.code();

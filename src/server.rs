@@ -88,6 +88,8 @@ pub enum StartError {
     UpstreamClient(reqwest::Error),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot listen on {0}: {1} (choose another address with --metrics-listen or SLUICE_METRICS_LISTEN)")]
+    Bind(std::net::SocketAddr, std::io::Error),
     #[error("could not load the tokenizer tables: {0}")]
     Tokenizers(String),
 }
@@ -98,7 +100,18 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .fallback(proxy::proxy)
+        .with_state(state)
+}
+
+/// The operational endpoints alone, for a separate metrics address (`metrics_listen`).
+pub fn ops_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .with_state(state)
 }
 
@@ -117,12 +130,103 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let mut response = state.metrics.render().into_response();
+    let mut response = state
+        .metrics
+        .render(&state.limiter.buckets())
+        .into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// Every bucket as JSON: limits (configured, learned, in force), sluice's view, the
+/// upstream's last headers, the queue, the circuit and the last 429. `sluice status` prints it.
+async fn status(State(state): State<Arc<AppState>>) -> Response {
+    let mut buckets: Vec<serde_json::Value> = state
+        .limiter
+        .buckets()
+        .iter()
+        .map(|queue| bucket_json(queue))
+        .collect();
+    buckets.sort_by(|a, b| {
+        (a["org"].as_str(), a["model"].as_str()).cmp(&(b["org"].as_str(), b["model"].as_str()))
+    });
+    let now = tokio::time::Instant::now();
+    let cooldowns: Vec<serde_json::Value> = state
+        .exhausted
+        .orgs(now)
+        .into_iter()
+        .map(|(org, left)| serde_json::json!({"org": &*org, "remaining_secs": left.as_secs_f64()}))
+        .collect();
+    let body = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "upstream": state.config.upstream.base_url,
+        "draining": state.draining.load(Ordering::Relaxed),
+        "quota_cooldowns": cooldowns,
+        "buckets": buckets,
+    });
+    let mut response = body.to_string().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn bucket_json(queue: &crate::queue::BucketQueue) -> serde_json::Value {
+    use crate::limiter::bucket::Limits;
+    use crate::limiter::gate::Circuit;
+    use serde_json::json;
+    fn limits(limits: &Limits) -> serde_json::Value {
+        json!({"rpm": limits.rpm, "tpm": limits.tpm, "rpd": limits.rpd, "tpd": limits.tpd})
+    }
+    let status = queue.status();
+    let upstream = status.upstream.as_ref().map(|(headers, age)| {
+        let mut view = serde_json::Map::new();
+        view.insert("age_secs".into(), json!(age.as_secs_f64()));
+        for (resource, window) in headers.iter() {
+            view.insert(
+                resource.label().into(),
+                json!({
+                    "limit": window.limit,
+                    "remaining": window.remaining,
+                    "reset_secs": window.reset.map(|reset| reset.as_secs_f64()),
+                }),
+            );
+        }
+        serde_json::Value::Object(view)
+    });
+    json!({
+        "org": &*queue.org,
+        "model": &*queue.model,
+        "limits": {
+            "configured": limits(&status.configured),
+            "learned": limits(&status.learned),
+            "in_force": limits(&status.limits),
+        },
+        "learning": status.learning,
+        "available": {"requests": status.available[0], "tokens": status.available[1]},
+        "burst": {"requests": status.burst[0], "tokens": status.burst[1]},
+        "circuit": match status.circuit {
+            Circuit::Closed => "closed",
+            Circuit::Open { .. } => "open",
+            Circuit::HalfOpen { .. } => "half_open",
+        },
+        "paused_for_secs": status.paused_for.map(|wait| wait.as_secs_f64()),
+        "queue": {
+            "interactive": status.depth.0,
+            "batch": status.depth.1,
+            "replays": status.replays,
+        },
+        "upstream": upstream,
+        "last_429": status.last_429.map(|(last, age)| json!({
+            "reason": last.reason,
+            "wait_secs": last.wait.as_secs_f64(),
+            "age_secs": age.as_secs_f64(),
+        })),
+    })
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and

@@ -506,16 +506,32 @@ async fn health_readiness_and_metrics() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Labels are rendered sorted: endpoint, model, org (the key's automatic org), status.
+    let labels = "endpoint=\"chat_completions\",model=\"gpt-4o-mini\",org=\"key-";
+    let has = |prefix: &str, suffix: &str| {
+        metrics
+            .lines()
+            .any(|line| line.starts_with(prefix) && line.ends_with(suffix))
+    };
     assert!(
-        metrics.contains("sluice_requests_total{endpoint=\"chat_completions\",status=\"200\"} 1"),
+        has(
+            &format!("sluice_requests_total{{{labels}"),
+            "status=\"200\"} 1"
+        ),
         "{metrics}"
     );
     assert!(
-        metrics.contains("sluice_upstream_duration_seconds_count{endpoint=\"chat_completions\"} 1"),
+        has(
+            &format!("sluice_upstream_duration_seconds_count{{{labels}"),
+            "} 1"
+        ),
         "{metrics}"
     );
     assert!(
-        metrics.contains("sluice_upstream_ttfb_seconds_count{endpoint=\"chat_completions\"} 1"),
+        has(
+            &format!("sluice_upstream_ttfb_seconds_count{{{labels}"),
+            "} 1"
+        ),
         "{metrics}"
     );
     assert!(metrics.contains("sluice_requests_in_flight 0"), "{metrics}");

@@ -77,6 +77,20 @@ def control(mock, path, payload=None):
     return json.loads(body) if body else None
 
 
+def start_mock(*flags):
+    """A mock-openai of one's own, with command-line flags such as `"--rpm", 120`."""
+    return Process([MOCK_BIN, "--listen", "127.0.0.1:0", *map(str, flags)], stream="stdout")
+
+
+def start_sluice(upstream, config=None, rust_log="info"):
+    """A sluice of one's own in front of `upstream` (a URL); with `config` None it runs with no
+    configuration file at all, whatever SLUICE_CONFIG the environment holds."""
+    args = [SLUICE_BIN, "--listen", "127.0.0.1:0", "--upstream", upstream]
+    if config is not None:
+        args += ["--config", str(config)]
+    return Process(args, env={"RUST_LOG": rust_log, "SLUICE_CONFIG": ""})
+
+
 @pytest.fixture(scope="session")
 def mock():
     process = Process([MOCK_BIN, "--listen", "127.0.0.1:0"], stream="stdout")
