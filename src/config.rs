@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -58,6 +58,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// A separate address for `/metrics`, `/status` and the health endpoints, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Some org holds client tokens: every proxied request must bear one (401 otherwise).
+    pub require_client_tokens: bool,
     pub log_format: LogFormat,
     pub upstream: UpstreamConfig,
     pub server: ServerConfig,
@@ -148,6 +150,20 @@ pub struct OrgConfig {
     pub default_priority: Priority,
     /// Limits by model; `"*"` applies to every other model.
     pub limits: HashMap<String, Limits>,
+    /// The provider key sluice sends for requests bearing one of `client_token_hashes`.
+    pub upstream_key: Option<UpstreamKey>,
+    /// SHA-256 of the client tokens applications use instead of the provider key.
+    pub client_token_hashes: Vec<[u8; 32]>,
+}
+
+/// A provider key held by sluice. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct UpstreamKey(pub http::HeaderValue);
+
+impl fmt::Debug for UpstreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UpstreamKey(<redacted>)")
+    }
 }
 
 impl OrgConfig {
@@ -180,6 +196,7 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub allow_unauthenticated: Option<bool>,
     pub metrics_listen: Option<String>,
     pub upstream: Option<String>,
     pub log_format: Option<LogFormat>,
@@ -190,6 +207,7 @@ pub struct Overrides {
 struct RawConfig {
     listen: Option<String>,
     metrics_listen: Option<String>,
+    allow_unauthenticated: Option<bool>,
     log_format: Option<LogFormat>,
     #[serde(default)]
     upstream: RawUpstream,
@@ -250,6 +268,9 @@ struct RawOrg {
     default_priority: Option<Priority>,
     #[serde(default)]
     limits: BTreeMap<String, RawLimits>,
+    upstream_key_env: Option<String>,
+    upstream_key_file: Option<PathBuf>,
+    client_tokens_env: Option<String>,
 }
 
 /// `"sk-..."` or `{ key = "sk-...", priority = "batch" }`.
@@ -545,6 +566,23 @@ fn validate(
 
     let retry = validate_retry(&raw.retry, &mut issues);
     let orgs = validate_orgs(raw.org, &mut issues);
+    let require_client_tokens = orgs.iter().any(|org| !org.client_token_hashes.is_empty());
+    let allow_unauthenticated = overrides
+        .allow_unauthenticated
+        .or(raw.allow_unauthenticated)
+        .unwrap_or(false);
+    if !listen.ip().is_loopback() && !require_client_tokens && !allow_unauthenticated {
+        issues.add(
+            listen_key,
+            format!(
+                "{listen} is reachable beyond this machine, and nothing authenticates the clients \
+                 that could spend your organizations' budgets through it. Give an org \
+                 client_tokens_env (with upstream_key_env or upstream_key_file) so applications \
+                 use tokens instead of the provider key, or set allow_unauthenticated = true \
+                 (SLUICE_ALLOW_UNAUTHENTICATED=true) if the network in front of sluice is trusted"
+            ),
+        );
+    }
 
     if !issues.0.is_empty() {
         return Err(ConfigError {
@@ -555,6 +593,7 @@ fn validate(
     Ok(Config {
         listen,
         metrics_listen,
+        require_client_tokens,
         log_format: overrides.log_format.or(raw.log_format).unwrap_or_default(),
         upstream: UpstreamConfig {
             base_url,
@@ -816,15 +855,105 @@ fn validate_orgs(raw: Vec<RawOrg>, issues: &mut Issues) -> Vec<OrgConfig> {
             limits.insert(model, parsed);
         }
 
+        let upstream_key = match (&org.upstream_key_env, &org.upstream_key_file) {
+            (Some(_), Some(_)) => {
+                issues.add(
+                    &format!("{at}.upstream_key_env"),
+                    "give upstream_key_env or upstream_key_file, not both".to_owned(),
+                );
+                None
+            }
+            (Some(var), None) => match std::env::var(var) {
+                Ok(key) => upstream_key(&key, &format!("{at}.upstream_key_env"), issues),
+                Err(_) => {
+                    issues.add(
+                        &format!("{at}.upstream_key_env"),
+                        format!("environment variable {var} is not set (or not UTF-8); it should hold the provider's API key"),
+                    );
+                    None
+                }
+            },
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(key) => upstream_key(&key, &format!("{at}.upstream_key_file"), issues),
+                Err(err) => {
+                    issues.add(
+                        &format!("{at}.upstream_key_file"),
+                        format!("cannot read {}: {err}", path.display()),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let mut client_token_hashes = Vec::new();
+        if let Some(var) = &org.client_tokens_env {
+            let key_path = format!("{at}.client_tokens_env");
+            match std::env::var(var) {
+                Ok(list) => {
+                    for token in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                        if token.len() < 16 {
+                            issues.add(&key_path, format!("a client token in {var} is shorter than 16 characters; use long random tokens (openssl rand -hex 24)"));
+                            continue;
+                        }
+                        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                        if let Some(owner) = key_owner.insert(hash, org.name.clone()) {
+                            issues.add(&key_path, format!("a token in {var} is also listed by org {owner:?}"));
+                        }
+                        client_token_hashes.push(hash);
+                    }
+                    if client_token_hashes.is_empty() {
+                        issues.add(&key_path, format!("environment variable {var} holds no token"));
+                    }
+                }
+                Err(_) => issues.add(
+                    &key_path,
+                    format!("environment variable {var} is not set (or not UTF-8); it should hold a comma-separated list of client tokens"),
+                ),
+            }
+            if upstream_key.is_none()
+                && org.upstream_key_env.is_none()
+                && org.upstream_key_file.is_none()
+            {
+                issues.add(
+                    &key_path,
+                    "client tokens need the org's own provider key: set upstream_key_env or upstream_key_file".to_owned(),
+                );
+            }
+        }
+
         orgs.push(OrgConfig {
             name: org.name,
             organization_ids: org.organization_ids,
             key_hashes,
             default_priority,
             limits,
+            upstream_key,
+            client_token_hashes,
         });
     }
     orgs
+}
+
+/// A provider key as sluice will send it: `Bearer <key>`, trimmed (files end in a newline).
+fn upstream_key(text: &str, key_path: &str, issues: &mut Issues) -> Option<UpstreamKey> {
+    let key = text.trim();
+    if key.is_empty() {
+        issues.add(key_path, "the provider key is empty".to_owned());
+        return None;
+    }
+    match http::HeaderValue::from_str(&format!("Bearer {key}")) {
+        Ok(mut value) => {
+            value.set_sensitive(true);
+            Some(UpstreamKey(value))
+        }
+        Err(_) => {
+            issues.add(
+                key_path,
+                "the provider key contains characters a header cannot carry".to_owned(),
+            );
+            None
+        }
+    }
 }
 
 fn parse_sha256(text: &str) -> Option<[u8; 32]> {
@@ -908,8 +1037,13 @@ mod tests {
         let example: String = text[start..]
             .lines()
             .map(|line| line.strip_prefix("# ").unwrap_or(line))
-            // keys_env needs a variable set; the other key forms are checked here.
-            .filter(|line| !line.starts_with("keys_env"))
+            // Variables for the environment-based keys and tokens: checked in
+            // tests/managed_keys.rs; the other key forms are checked here.
+            .filter(|line| {
+                !["keys_env", "upstream_key_env", "client_tokens_env"]
+                    .iter()
+                    .any(|key| line.starts_with(key))
+            })
             .map(|line| {
                 line.replace("\"sk-...\"", "\"sk-a\"")
                     .replace("\"sk-batch-...\"", "\"sk-b\"")

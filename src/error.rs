@@ -38,6 +38,8 @@ pub enum ProxyError {
     UpstreamFailed(String),
     #[error("sluice is shutting down")]
     ShuttingDown,
+    #[error("no valid client token")]
+    Unauthenticated,
     #[error("invalid request body: {0}")]
     InvalidBody(EstimateError),
     #[error("not admitted for {model} in org {org}: {rejection:?}")]
@@ -72,6 +74,7 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::InvalidBody(EstimateError::Tokenizer(_)) | Self::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -90,6 +93,8 @@ impl ProxyError {
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::ShuttingDown => "shutting_down",
+            // OpenAI's code for a bad key, so SDKs raise AuthenticationError.
+            Self::Unauthenticated => "invalid_api_key",
             Self::InvalidBody(EstimateError::Tokenizer(_)) | Self::Internal(_) => "internal_error",
             Self::InvalidBody(_) => "invalid_request_body",
             Self::Rejected { rejection, .. } => match rejection {
@@ -116,9 +121,10 @@ impl ProxyError {
 
     pub fn fault(&self) -> Fault {
         match self {
-            Self::UnknownPath { .. } | Self::BodyTooLarge { .. } | Self::BodyRead(_) => {
-                Fault::Client
-            }
+            Self::UnknownPath { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::BodyRead(_)
+            | Self::Unauthenticated => Fault::Client,
             Self::UpstreamUnreachable(_) | Self::UpstreamTimeout(_) | Self::UpstreamFailed(_) => {
                 Fault::Upstream
             }
@@ -172,6 +178,10 @@ impl ProxyError {
                 .to_owned(),
             Self::ShuttingDown => "sluice is shutting down and accepts no new requests. Retry \
                  against another instance or after it restarts."
+                .to_owned(),
+            Self::Unauthenticated => "This sluice requires a client token: use one of the \
+                 tokens your operator configured (client_tokens_env) as the API key, not the \
+                 provider's key."
                 .to_owned(),
             Self::InvalidBody(EstimateError::Tokenizer(_)) | Self::Internal(_) => {
                 "sluice hit an internal error while handling this request; it has been logged. \

@@ -14,6 +14,7 @@
 //! - [`quota`]: orgs out of quota, answered from a cool-down without calling upstream.
 //! - [`access`]: the access-log line and request metrics of a finished exchange.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`status_view`]: the `/status` JSON as the table `sluice status` prints.
 //! - [`error`]: the one error enum and its OpenAI-shaped response.
 
 pub mod access;
@@ -29,6 +30,7 @@ pub mod queue;
 pub mod quota;
 pub mod retry;
 pub mod server;
+pub mod status_view;
 pub mod upstream;
 
 use std::future::Future;

@@ -1,15 +1,17 @@
 //! The `sluice` binary: parse the command line, set up logging, load the config, bind, run.
 
-use std::io::{IsTerminal, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 use sluice::config::{Config, ConfigError, LogFormat, Overrides};
 use tracing_subscriber::EnvFilter;
+
+mod cli_http;
 
 /// Every request allocates many small, short-lived buffers (headers, JSON, body chunks) across
 /// threads; mimalloc serves that pattern with less contention and fewer page faults than the
@@ -33,6 +35,10 @@ struct Cli {
     /// they are served on --listen].
     #[arg(long, env = "SLUICE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Serve beyond loopback without client tokens (only where the network in front of
+    /// sluice is trusted) [default: false].
+    #[arg(long, env = "SLUICE_ALLOW_UNAUTHENTICATED", num_args = 0..=1, default_missing_value = "true")]
+    allow_unauthenticated: Option<bool>,
     /// Upstream API origin [default: https://api.openai.com].
     #[arg(long, env = "SLUICE_UPSTREAM")]
     upstream: Option<String>,
@@ -58,6 +64,17 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Print every (org, model) bucket of a running sluice: limits in force, its own and the
+    /// upstream's remaining budget, queue, circuit, pause, last 429; then the orgs in quota
+    /// cool-down. Exit 1 if sluice cannot be reached.
+    Status {
+        /// Base URL of sluice [default: as for healthcheck].
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the /status JSON as it came instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +90,7 @@ fn main() -> ExitCode {
     let overrides = Overrides {
         listen: cli.listen.clone(),
         metrics_listen: cli.metrics_listen.clone(),
+        allow_unauthenticated: cli.allow_unauthenticated,
         upstream: cli.upstream.clone(),
         log_format: cli.log_format,
     };
@@ -87,6 +105,9 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Healthcheck { url }) = &cli.command {
         return healthcheck(url.as_deref(), cli.config.as_deref(), &overrides);
+    }
+    if let Some(Command::Status { url, json }) = &cli.command {
+        return status(url.as_deref(), *json, cli.config.as_deref(), &overrides);
     }
     let loaded = match &cli.config {
         Some(path) => Config::load(path, &overrides),
@@ -186,24 +207,16 @@ async fn shutdown_signal() {
 /// `sluice healthcheck`: probes `url`, else the address this configuration listens on.
 /// Docker reserves exit code 2, so every failure, a bad configuration included, is 1.
 fn healthcheck(url: Option<&str>, config: Option<&Path>, overrides: &Overrides) -> ExitCode {
-    let url = match url {
-        Some(url) => url.trim_end_matches('/').to_owned(),
-        None => {
-            let loaded = match config {
-                Some(path) => Config::load(path, overrides),
-                None => Config::from_overrides(overrides),
-            };
-            match loaded {
-                Ok(config) => probe_url(config.listen),
-                Err(err) => {
-                    eprintln!("sluice healthcheck: {}", err.to_string().replace('\n', " "));
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
+    let url = match base_url("healthcheck", url, config, overrides) {
+        Ok(url) => url,
+        Err(code) => return code,
     };
-    match probe_ready(&url, HEALTHCHECK_TIMEOUT) {
-        Ok(()) => ExitCode::SUCCESS,
+    match cli_http::get_status(&url, "/readyz", HEALTHCHECK_TIMEOUT) {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("sluice healthcheck: {url}/readyz: status {status}");
+            ExitCode::FAILURE
+        }
         Err(message) => {
             eprintln!("sluice healthcheck: {url}/readyz: {message}");
             ExitCode::FAILURE
@@ -211,8 +224,74 @@ fn healthcheck(url: Option<&str>, config: Option<&Path>, overrides: &Overrides) 
     }
 }
 
+/// `sluice status`: fetches `/status` from `url` (else from the address this configuration
+/// listens on, as `healthcheck` does) and prints it as a table, or as it came with `--json`.
+/// Exit 1, with one line on stderr, when there is no usable answer.
+fn status(
+    url: Option<&str>,
+    json: bool,
+    config: Option<&Path>,
+    overrides: &Overrides,
+) -> ExitCode {
+    let url = match base_url("status", url, config, overrides) {
+        Ok(url) => url,
+        Err(code) => return code,
+    };
+    let fetched = cli_http::get(&url, "/status", STATUS_TIMEOUT, STATUS_MAX_BYTES)
+        .and_then(|response| match response.status {
+            200 => serde_json::from_slice::<serde_json::Value>(&response.body)
+                .map_err(|err| format!("the answer is not JSON: {err}")),
+            status => Err(format!("status {status}")),
+        });
+    match fetched {
+        Ok(value) if json => {
+            println!("{value}");
+            ExitCode::SUCCESS
+        }
+        Ok(value) => {
+            print!("{}", sluice::status_view::render(&value));
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("sluice status: {url}/status: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The base URL a client subcommand talks to: `url`, else the address the configuration
+/// listens on. A configuration error is reported on one line and exits 1.
+fn base_url(
+    command: &str,
+    url: Option<&str>,
+    config: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<String, ExitCode> {
+    if let Some(url) = url {
+        return Ok(url.trim_end_matches('/').to_owned());
+    }
+    let loaded = match config {
+        Some(path) => Config::load(path, overrides),
+        None => Config::from_overrides(overrides),
+    };
+    match loaded {
+        Ok(config) => Ok(probe_url(config.listen)),
+        Err(err) => {
+            eprintln!("sluice {command}: {}", err.to_string().replace('\n', " "));
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
 /// The whole budget of one `sluice healthcheck`: connect, send, and read the status line.
 const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The whole budget of one `sluice status`: connect, send, and read the answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest `/status` answer read: far above the ~1 KB per bucket of the label caps' 200
+/// orgs by 100 models.
+const STATUS_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// The base URL that reaches a server listening on `listen` from the same host (or container):
 /// an unspecified address is probed on loopback.
@@ -223,84 +302,6 @@ fn probe_url(listen: SocketAddr) -> String {
         ip => ip,
     };
     format!("http://{}", SocketAddr::new(ip, listen.port()))
-}
-
-/// `GET {base_url}/readyz` over plain HTTP/1.1, all within `timeout`. `Ok` only on status 200;
-/// the error says what went wrong in a few words. Deliberately blocking and dependency-free:
-/// it runs as a short-lived process every few seconds, in an image without curl.
-fn probe_ready(base_url: &str, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    let remaining = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|left| !left.is_zero())
-            .ok_or_else(|| format!("no answer within {timeout:?}"))
-    };
-    let rest = base_url
-        .strip_prefix("http://")
-        .ok_or("the URL must start with http://")?;
-    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let prefix = prefix.trim_end_matches('/');
-    let path = if prefix.is_empty() {
-        "/readyz".to_owned()
-    } else {
-        format!("/{prefix}/readyz")
-    };
-    // "host" and "[v6]" carry no port; "host:port" and "[v6]:port" do.
-    let target = if authority.ends_with(']') || !authority.contains(':') {
-        format!("{authority}:80")
-    } else {
-        authority.to_owned()
-    };
-    let addrs = target
-        .to_socket_addrs()
-        .map_err(|err| format!("cannot resolve {authority}: {err}"))?;
-    // "localhost" may resolve to ::1 and 127.0.0.1 while sluice listens on only one of them.
-    let mut failure = format!("{authority} resolves to no address");
-    let mut connected = None;
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, remaining()?) {
-            Ok(stream) => {
-                connected = Some(stream);
-                break;
-            }
-            Err(err) => failure = format!("cannot connect to {addr}: {err}"),
-        }
-    }
-    let mut stream = connected.ok_or(failure)?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-    stream
-        .set_write_timeout(Some(remaining()?))
-        .and_then(|()| stream.write_all(request.as_bytes()))
-        .map_err(|err| format!("cannot send the request: {err}"))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    while !head.contains(&b'\n') && head.len() < 4096 {
-        stream
-            .set_read_timeout(Some(remaining()?))
-            .map_err(|err| err.to_string())?;
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(format!("no answer: {err}")),
-        }
-    }
-    match status_code(&head) {
-        Some(200) => Ok(()),
-        Some(status) => Err(format!("status {status}")),
-        None => Err("no HTTP status line in the answer".to_owned()),
-    }
-}
-
-/// The status code of an HTTP/1.x response whose first bytes are `head`.
-fn status_code(head: &[u8]) -> Option<u16> {
-    let line = head.split(|&b| b == b'\n').next()?;
-    let mut parts = std::str::from_utf8(line).ok()?.split_whitespace();
-    parts
-        .next()
-        .filter(|version| version.starts_with("HTTP/"))?;
-    parts.next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -314,27 +315,5 @@ mod tests {
         assert_eq!(probe("[::]:8787"), "http://[::1]:8787");
         assert_eq!(probe("10.1.2.3:9000"), "http://10.1.2.3:9000");
         assert_eq!(probe("[fd00::1]:8787"), "http://[fd00::1]:8787");
-    }
-
-    #[test]
-    fn status_line_parsing() {
-        assert_eq!(
-            status_code(b"HTTP/1.1 200 OK\r\ncontent-length: 0"),
-            Some(200)
-        );
-        assert_eq!(
-            status_code(b"HTTP/1.0 503 Service Unavailable\r\n"),
-            Some(503)
-        );
-        assert_eq!(status_code(b"HTTP/1.1 204\r\n"), Some(204));
-        assert_eq!(status_code(b"SSH-2.0-OpenSSH_9.2\r\n"), None);
-        assert_eq!(status_code(b"HTTP/1.1 abc\r\n"), None);
-        assert_eq!(status_code(b""), None);
-    }
-
-    #[test]
-    fn only_plain_http_urls_are_probed() {
-        let err = probe_ready("https://127.0.0.1:8787", HEALTHCHECK_TIMEOUT);
-        assert!(err.is_err_and(|message| message.contains("http://")));
     }
 }

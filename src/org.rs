@@ -4,6 +4,10 @@
 //! org whose config lists its API key (compared by SHA-256, so configs may hold hashes only);
 //! otherwise an automatic org named `key-` plus the first 8 hex digits of the key's SHA-256.
 //! The key itself is never kept, logged or used as a label.
+//!
+//! An org may hold its provider key itself and hand applications client tokens instead: a
+//! request bearing one belongs to that org and goes upstream with the org's key. Tokens are
+//! compared by SHA-256 in constant time. Once any org has tokens, every request must bear one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +15,7 @@ use std::sync::Arc;
 use http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 
-use crate::config::{hex_prefix, OrgConfig};
+use crate::config::{hex_prefix, OrgConfig, UpstreamKey};
 use crate::queue::Priority;
 
 /// Name of the org of requests that carry no API key at all (the upstream will reject them;
@@ -26,18 +30,26 @@ pub struct Identity {
     /// The configured org, when there is one.
     pub config: Option<Arc<OrgConfig>>,
     pub priority: Priority,
+    /// The org's provider key, when the request bore one of its client tokens.
+    pub upstream_key: Option<UpstreamKey>,
 }
+
+/// Client tokens are required and the request bore none that matches.
+#[derive(Debug)]
+pub struct Unauthenticated;
 
 /// Lookup tables built once from the config.
 pub struct Orgs {
     by_org_id: HashMap<String, Arc<OrgConfig>>,
     by_key_hash: HashMap<[u8; 32], (Arc<OrgConfig>, Priority)>,
+    by_token: Vec<([u8; 32], Arc<OrgConfig>)>,
 }
 
 impl Orgs {
     pub fn new(orgs: &[OrgConfig]) -> Self {
         let mut by_org_id = HashMap::new();
         let mut by_key_hash = HashMap::new();
+        let mut by_token = Vec::new();
         for org in orgs {
             let org = Arc::new(org.clone());
             for id in &org.organization_ids {
@@ -46,11 +58,48 @@ impl Orgs {
             for (hash, priority) in &org.key_hashes {
                 by_key_hash.insert(*hash, (Arc::clone(&org), *priority));
             }
+            for hash in &org.client_token_hashes {
+                by_token.push((*hash, Arc::clone(&org)));
+            }
         }
         Self {
             by_org_id,
             by_key_hash,
+            by_token,
         }
+    }
+
+    /// Whether requests must bear a client token.
+    pub fn require_tokens(&self) -> bool {
+        !self.by_token.is_empty()
+    }
+
+    /// Identifies the org of a request, checking its client token first when tokens are
+    /// required.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, Unauthenticated> {
+        if !self.require_tokens() {
+            return Ok(self.identify(headers));
+        }
+        let hash: [u8; 32] = Sha256::digest(api_key(headers).ok_or(Unauthenticated)?).into();
+        // Every token is compared, whole, whatever matched before: how long this takes says
+        // nothing about which token came close.
+        let mut owner = None;
+        for (token, org) in &self.by_token {
+            if constant_time_eq(token, &hash) {
+                owner = Some(org);
+            }
+        }
+        let org = owner.ok_or(Unauthenticated)?;
+        let requested = headers
+            .get("x-sluice-priority")
+            .and_then(|value| value.to_str().ok())
+            .and_then(Priority::parse);
+        Ok(Identity {
+            org: Arc::from(org.name.as_str()),
+            config: Some(Arc::clone(org)),
+            priority: requested.unwrap_or(org.default_priority),
+            upstream_key: org.upstream_key.clone(),
+        })
     }
 
     /// Identifies the org of a request from its headers. An `x-sluice-priority` header
@@ -99,8 +148,17 @@ impl Orgs {
             org,
             config,
             priority: requested.unwrap_or(default_priority),
+            upstream_key: None,
         }
     }
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let mut difference = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        difference |= x ^ y;
+    }
+    std::hint::black_box(difference) == 0
 }
 
 /// The API key of a request: `Authorization: Bearer <key>` (OpenAI), else `api-key: <key>`

@@ -128,7 +128,10 @@ async fn forward(
         state.config.server.max_body_bytes,
     )
     .await?;
-    let identity = state.orgs.identify(&parts.headers);
+    let identity = state
+        .orgs
+        .authenticate(&parts.headers)
+        .map_err(|_| ProxyError::Unauthenticated)?;
     record.identity(&identity.org, identity.priority);
     if let Some(error) = state.exhausted.check(&identity.org, Instant::now()) {
         tracing::debug!(org = %identity.org, "org in quota cool-down; answered without calling upstream");
@@ -178,6 +181,11 @@ async fn forward(
         .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
     let read_whole = matches!(body, RequestBody::Read(_));
     let mut headers = request_headers(&parts.headers, read_whole);
+    if let Some(key) = &identity.upstream_key {
+        // The client's token stays here; the upstream sees only the org's own key.
+        headers.insert(header::AUTHORIZATION, key.0.clone());
+        headers.remove("api-key");
+    }
     if read_whole {
         // sluice reads these responses for their usage; compressed bytes would hide it. The
         // client still gets exactly what the upstream sent.
