@@ -2,10 +2,12 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test test-rust test-e2e venv demo-mock demo bench
+.PHONY: test test-rust test-e2e test-deploy venv demo-mock demo bench
 
-## Run every test: the Rust unit and integration tests, then the SDK end-to-end tests.
-test: test-rust test-e2e
+## Run every test: the Rust unit and integration tests, the SDK end-to-end tests, and the
+## deploy/ files (compose, Kubernetes, alert rules with promtool, dashboard) checked against
+## the binary.
+test: test-rust test-e2e test-deploy
 
 test-rust:
 	@if cargo nextest --version >/dev/null 2>&1; then \
@@ -19,10 +21,15 @@ test-e2e: venv
 	cargo build --workspace --bins
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/e2e
 
+## promtool comes from Debian's prometheus package (.ci/run installs it).
+test-deploy: venv
+	cargo build --bins
+	PYTHON=$(VENV)/bin/python deploy/check
+
 venv: $(VENV)/.installed
-$(VENV)/.installed: tests/e2e/requirements.txt
+$(VENV)/.installed: tests/e2e/requirements.txt deploy/requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt -r deploy/requirements.txt
 	touch $@
 
 ## The mock OpenAI upstream on 127.0.0.1:9090 (for the demo; no OpenAI key needed).
