@@ -65,8 +65,10 @@ pub fn get(
     let mut body = bytes.split_off(head_end);
     // The request said `Connection: close`: the body ends where the connection does, or
     // earlier when its length is known. A chunked body's framing adds a little to its size.
-    let max_read = max_body.saturating_add(max_body / 8).saturating_add(MAX_HEAD);
-    while !length.is_some_and(|length| body.len() >= length) {
+    let max_read = max_body
+        .saturating_add(max_body / 8)
+        .saturating_add(MAX_HEAD);
+    while length.is_none_or(|length| body.len() < length) {
         if body.len() > max_read {
             return Err(format!("the answer is larger than {max_body} bytes"));
         }
@@ -244,7 +246,8 @@ mod tests {
 
     #[test]
     fn headers_are_found_by_name() {
-        let head = "http/1.1 200 ok\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n";
+        let head =
+            "http/1.1 200 ok\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n";
         assert_eq!(header(head, "content-length"), Some("12"));
         assert_eq!(header(head, "content-type"), Some("application/json"));
         assert_eq!(header(head, "transfer-encoding"), None);
@@ -288,8 +291,9 @@ mod tests {
         let response = get(&url, "/status", timeout, 1024).expect("answer");
         assert_eq!((response.status, &response.body[..]), (200, &b"hello"[..]));
 
-        let url =
-            serve_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n");
+        let url = serve_once(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        );
         let response = get(&url, "/status", timeout, 1024).expect("answer");
         assert_eq!(&response.body[..], b"hi");
 

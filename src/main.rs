@@ -227,36 +227,30 @@ fn healthcheck(url: Option<&str>, config: Option<&Path>, overrides: &Overrides) 
 /// `sluice status`: fetches `/status` from `url` (else from the address this configuration
 /// listens on, as `healthcheck` does) and prints it as a table, or as it came with `--json`.
 /// Exit 1, with one line on stderr, when there is no usable answer.
-fn status(
-    url: Option<&str>,
-    json: bool,
-    config: Option<&Path>,
-    overrides: &Overrides,
-) -> ExitCode {
+fn status(url: Option<&str>, json: bool, config: Option<&Path>, overrides: &Overrides) -> ExitCode {
     let url = match base_url("status", url, config, overrides) {
         Ok(url) => url,
         Err(code) => return code,
     };
-    let fetched = cli_http::get(&url, "/status", STATUS_TIMEOUT, STATUS_MAX_BYTES)
-        .and_then(|response| match response.status {
-            200 => serde_json::from_slice::<serde_json::Value>(&response.body)
-                .map_err(|err| format!("the answer is not JSON: {err}")),
-            status => Err(format!("status {status}")),
-        });
-    match fetched {
-        Ok(value) if json => {
-            println!("{value}");
-            ExitCode::SUCCESS
-        }
-        Ok(value) => {
-            print!("{}", sluice::status_view::render(&value));
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("sluice status: {url}/status: {message}");
-            ExitCode::FAILURE
-        }
+    let fail = |message: String| {
+        eprintln!("sluice status: {url}/status: {message}");
+        ExitCode::FAILURE
+    };
+    let body = match cli_http::get(&url, "/status", STATUS_TIMEOUT, STATUS_MAX_BYTES) {
+        Ok(response) if response.status == 200 => response.body,
+        Ok(response) => return fail(format!("status {}", response.status)),
+        Err(message) => return fail(message),
+    };
+    let value = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(value) => value,
+        Err(err) => return fail(format!("the answer is not JSON: {err}")),
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&body).trim_end());
+    } else {
+        print!("{}", sluice::status_view::render(&value));
     }
+    ExitCode::SUCCESS
 }
 
 /// The base URL a client subcommand talks to: `url`, else the address the configuration

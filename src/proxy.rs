@@ -41,6 +41,9 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 const JITTER_SHARE: f64 = 0.1;
 const MAX_JITTER: Duration = Duration::from_millis(250);
 
+/// The longest an open circuit waits beyond the 429's own hint.
+const MAX_CIRCUIT_OPEN: Duration = Duration::from_secs(5);
+
 /// A request body on its way upstream.
 enum RequestBody {
     /// Read whole: an estimated endpoint's JSON. It can be sent again.
@@ -471,7 +474,10 @@ impl Exchange<'_> {
         );
         let jitter_cap = hint.mul_f64(JITTER_SHARE).min(MAX_JITTER);
         let resume = now + retry::jitter(hint, jitter_cap, fastrand::f64());
-        let reset = now + announced_reset(class, limits).max(hint);
+        // The announced reset is when the bucket is full again (up to a minute for a drained
+        // per-minute bucket); the circuit needs only room again, so it waits at most
+        // MAX_CIRCUIT_OPEN past the hint.
+        let reset = now + announced_reset(class, limits).clamp(hint, hint + MAX_CIRCUIT_OPEN);
         let cost = admitted.reservation.cost();
         let burst = burst_evidence(class, limits, error.parsed.as_ref(), cost);
         let opened = admitted

@@ -8,8 +8,7 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-/// Renders a `/status` document. Large counts are shortened (`30k`, `1.5M`, truncated, never
-/// rounded up: a bucket that is not full never reads as full); `--json` has the exact figures.
+/// Renders a `/status` document. Counts are exact; only round ones are shortened (`30k`).
 pub fn render(status: &Value) -> String {
     let mut out = String::new();
     let version = status["version"].as_str().unwrap_or("?");
@@ -36,7 +35,9 @@ pub fn render(status: &Value) -> String {
     if cooldowns.is_empty() {
         out.push_str("Quota cool-down: none.\n");
     } else {
-        out.push_str("Quota cool-down (answered with the upstream's quota error, not forwarded):\n");
+        out.push_str(
+            "Quota cool-down (answered with the upstream's quota error, not forwarded):\n",
+        );
         let mut table = Table::new(&[("ORG", Align::Left), ("LEFT", Align::Right)]);
         for cooldown in cooldowns {
             table.push(vec![
@@ -123,7 +124,11 @@ fn window(window: &Value) -> String {
     if window.is_null() {
         return "-".to_owned();
     }
-    format!("{}/{}", count(&window["remaining"]), count(&window["limit"]))
+    format!(
+        "{}/{}",
+        count(&window["remaining"]),
+        count(&window["limit"])
+    )
 }
 
 fn last_429(last: &Value) -> String {
@@ -137,27 +142,25 @@ fn text(value: &Value) -> String {
     value.as_str().unwrap_or("-").to_owned()
 }
 
-/// A count, shortened from 10,000 on (`12.3k`, `10M`), truncated toward zero.
+/// A count, exact: a round one from 10,000 on is shortened (`30k`, `1.5M`), any other is
+/// printed whole, so a remaining `9999970` never reads as a round `10M`. Available budget is
+/// fractional (it refills continuously) and is rounded down.
 fn count(value: &Value) -> String {
     let Some(number) = value.as_f64().filter(|n| n.is_finite()) else {
         return "-".to_owned();
     };
-    // Available budget is fractional (it refills continuously) and negative in debt.
-    let whole = number.trunc().clamp(i64::MIN as f64, i64::MAX as f64) as i64;
-    let (unit, suffix) = match whole.unsigned_abs() {
-        0..10_000 => return whole.to_string(),
-        10_000..1_000_000 => (1_000, "k"),
-        1_000_000..1_000_000_000 => (1_000_000, "M"),
-        _ => (1_000_000_000, "G"),
-    };
-    let tenths = i128::from(whole) * 10 / unit;
-    let sign = if tenths < 0 { "-" } else { "" };
-    let (int, frac) = (tenths.abs() / 10, tenths.abs() % 10);
-    if frac == 0 {
-        format!("{sign}{int}{suffix}")
-    } else {
-        format!("{sign}{int}.{frac}{suffix}")
+    let whole = number.floor().clamp(i64::MIN as f64, i64::MAX as f64) as i64;
+    for (unit, suffix) in [(1_000_000_000i64, "G"), (1_000_000, "M"), (1_000, "k")] {
+        let tenth = unit / 10;
+        if whole.unsigned_abs() >= unit.max(10_000).unsigned_abs() && whole % tenth == 0 {
+            let tenths = whole / tenth;
+            return match tenths % 10 {
+                0 => format!("{}{suffix}", tenths / 10),
+                frac => format!("{}.{}{suffix}", tenths / 10, frac.abs()),
+            };
+        }
     }
+    whole.to_string()
 }
 
 fn ago(secs: &Value) -> String {
@@ -336,9 +339,9 @@ mod tests {
                 "500",
                 "200k",
                 "497",
-                "199.9k",
+                "199950",
                 "9998/10k",
-                "9.9M/10M",
+                "9999950/10M",
                 "2.0s",
                 "ago",
                 "3/1/1",
@@ -434,20 +437,23 @@ mod tests {
     }
 
     #[test]
-    fn counts_are_shortened_without_rounding_up() {
+    fn counts_are_exact_and_shortened_only_when_round() {
         let cases = [
             (json!(0), "0"),
+            (json!(1_000), "1000"),
             (json!(9_999), "9999"),
             (json!(10_000), "10k"),
-            (json!(29_950), "29.9k"),
             (json!(12_300), "12.3k"),
-            (json!(999_999), "999.9k"),
+            (json!(29_950), "29950"),
+            (json!(200_000), "200k"),
             (json!(1_500_000), "1.5M"),
+            (json!(9_999_970), "9999970"),
             (json!(10_000_000), "10M"),
             (json!(2_000_000_000u64), "2G"),
             (json!(497.9), "497"),
-            (json!(-12.7), "-12"),
+            (json!(-12.2), "-13"),
             (json!(-25_000.0), "-25k"),
+            (json!(-1_500_000), "-1.5M"),
             (json!(null), "-"),
             (json!("12"), "-"),
         ];
