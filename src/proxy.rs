@@ -472,6 +472,9 @@ impl Exchange<'_> {
             },
             |(wait, _)| wait,
         );
+        // The refused request was counted too (PROTOCOL §1): the hint is when this request
+        // would have fitted before that, so the replay waits one more of its share.
+        let hint = hint + refused_share(class, limits, admitted.reservation.cost());
         let jitter_cap = hint.mul_f64(JITTER_SHARE).min(MAX_JITTER);
         let resume = now + retry::jitter(hint, jitter_cap, fastrand::f64());
         // The announced reset is when the bucket is full again (up to a minute for a drained
@@ -530,6 +533,22 @@ fn announced_reset(class: Class, limits: &RateLimitHeaders) -> Duration {
         .filter(|reset| *reset <= Duration::from_secs(61))
         .max()
         .unwrap_or(Duration::ZERO)
+}
+
+/// How long the upstream takes to refill what the refused request itself cost, capped.
+fn refused_share(class: Class, limits: &RateLimitHeaders, cost: Cost) -> Duration {
+    let (family, units) = match class {
+        Class::RateLimited(LimitedResource::Tokens) => (ratelimit::Resource::Tokens, cost.tokens),
+        _ => (ratelimit::Resource::Requests, cost.requests.max(1)),
+    };
+    let Some(limit) = limits
+        .get(family)
+        .and_then(|window| window.limit)
+        .filter(|limit| *limit > 0)
+    else {
+        return Duration::ZERO;
+    };
+    Duration::from_secs_f64((units as f64 * 60.0 / limit as f64).min(10.0))
 }
 
 /// The resource whose burst the 429 shows is smaller than assumed: the upstream refused the

@@ -26,9 +26,9 @@ use crate::limiter::bucket::{Bucket, Cost, Limits, Resource, Shortfall, DAY, MIN
 use crate::limiter::gate::{Circuit, Gate, Pass, Probe, ProbeOutcome};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 
-/// Header resets longer than this describe a daily window (a per-minute bucket is full again
-/// within a minute); a second of slack covers rounding.
-const MINUTE_RESET_MAX: Duration = Duration::from_secs(61);
+/// Header resets longer than this describe a daily window: a per-minute bucket is full again
+/// within a minute, or within two when it is in debt (rejected requests count too).
+const MINUTE_RESET_MAX: Duration = Duration::from_secs(125);
 
 /// Which class a request waits in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
