@@ -25,6 +25,10 @@ const DEFAULT_POOL_IDLE_TIMEOUT_SECS: f64 = 90.0;
 /// 32 MiB: well above the largest chat request the API accepts with inline images.
 const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 const DEFAULT_DRAIN_TIMEOUT_SECS: f64 = 30.0;
+/// How often the config file (and the key files it names) is checked for changes. Reading a
+/// few small files every two seconds costs nothing, and an edit or a Kubernetes ConfigMap
+/// update takes effect before anyone wonders whether it did.
+const DEFAULT_CONFIG_WATCH_SECS: f64 = 2.0;
 const DEFAULT_MAX_WAIT_SECS: f64 = 60.0;
 const DEFAULT_MAX_DEPTH: usize = 10_000;
 const DEFAULT_MAX_DEPTH_PER_BUCKET: usize = 2_000;
@@ -67,10 +71,19 @@ pub struct Config {
     pub retry: RetryConfig,
     pub estimate: EstimateConfig,
     pub orgs: Vec<OrgConfig>,
+    /// Where the configuration came from, to reload it; `None` without a config file.
+    pub source: Option<ConfigSource>,
+}
+
+/// A config file and the overrides applied on top of it: what a reload reads again.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub overrides: Overrides,
 }
 
 /// What sluice does with the upstream's 429s and failures.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RetryConfig {
     /// Upstream attempts per request, the first included (429 re-sends and 5xx retries).
     pub max_attempts: u32,
@@ -86,7 +99,7 @@ pub struct RetryConfig {
     pub quota_cooldown: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamConfig {
     /// Origin plus optional path prefix, without a trailing slash; the request's own
     /// `/v1/...` path and query are appended to it.
@@ -114,7 +127,7 @@ pub enum Accounting {
     Actual,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct QueueConfig {
     /// Longest a request waits for admission, whatever the client allows.
     pub max_wait: Duration,
@@ -154,6 +167,8 @@ pub struct OrgConfig {
     pub upstream_key: Option<UpstreamKey>,
     /// SHA-256 of the client tokens applications use instead of the provider key.
     pub client_token_hashes: Vec<[u8; 32]>,
+    /// The file `upstream_key` was read from: watched, so replacing it rotates the key.
+    pub upstream_key_file: Option<PathBuf>,
 }
 
 /// A provider key held by sluice. Its `Debug` never shows it.
@@ -176,12 +191,15 @@ impl OrgConfig {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {
     /// Largest JSON body read whole (estimated endpoints); other bodies stream unbounded.
     pub max_body_bytes: usize,
     /// How long in-flight requests may run on after a shutdown signal.
     pub drain_timeout: Duration,
+    /// How often the config file and its key files are checked for changes; `None`: only
+    /// SIGHUP reloads.
+    pub config_watch: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -314,6 +332,7 @@ struct RawUpstream {
 struct RawServer {
     max_body_bytes: Option<u64>,
     drain_timeout_secs: Option<f64>,
+    config_watch_secs: Option<f64>,
 }
 
 /// One problem with the configuration, named by the key path it concerns.
@@ -362,7 +381,52 @@ impl Config {
                 message: format!("cannot read the file: {err}"),
             }],
         })?;
-        Self::parse(&text, &source_name, overrides)
+        let mut config = Self::parse(&text, &source_name, overrides)?;
+        config.source = Some(ConfigSource {
+            path: path.to_owned(),
+            overrides: overrides.clone(),
+        });
+        Ok(config)
+    }
+
+    /// The files a reload would read: the config file and the key files it names.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.source.iter().map(|s| s.path.clone()).collect();
+        files.extend(
+            self.orgs
+                .iter()
+                .filter_map(|org| org.upstream_key_file.clone()),
+        );
+        files
+    }
+
+    /// Gives this (newly loaded) configuration the running one's values of the settings a
+    /// reload cannot change, and names those that differed: they take effect on restart.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+, $key:literal) => {
+                if self.$($field).+ != running.$($field).+ {
+                    changed.push($key);
+                    self.$($field).+ = running.$($field).+.clone();
+                }
+            };
+        }
+        keep!(listen, "listen");
+        keep!(metrics_listen, "metrics_listen");
+        keep!(log_format, "log_format");
+        keep!(upstream.base_url, "upstream.url");
+        keep!(upstream.connect_timeout, "upstream.connect_timeout_secs");
+        keep!(upstream.read_timeout, "upstream.read_timeout_secs");
+        keep!(
+            upstream.pool_idle_timeout,
+            "upstream.pool_idle_timeout_secs"
+        );
+        keep!(queue.refill_margin, "queue.refill_margin_secs");
+        keep!(retry.circuit_threshold, "retry.circuit_breaker_threshold");
+        keep!(retry.budget_ratio, "retry.budget_ratio");
+        keep!(retry.budget_min_per_sec, "retry.budget_min_per_sec");
+        changed
     }
 
     /// Parses TOML text; `source_name` names it in errors.
@@ -491,6 +555,16 @@ fn validate(
         raw.server.drain_timeout_secs,
         DEFAULT_DRAIN_TIMEOUT_SECS,
     );
+    // 0 turns watching off (SIGHUP still reloads).
+    let config_watch = match raw.server.config_watch_secs {
+        Some(0.0) => None,
+        secs => Some(seconds(
+            &mut issues,
+            "server.config_watch_secs",
+            secs,
+            DEFAULT_CONFIG_WATCH_SECS,
+        )),
+    };
 
     let max_body = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
     let max_body_bytes = match usize::try_from(max_body) {
@@ -606,6 +680,7 @@ fn validate(
         server: ServerConfig {
             max_body_bytes,
             drain_timeout,
+            config_watch,
         },
         queue: QueueConfig {
             max_wait,
@@ -621,6 +696,7 @@ fn validate(
             output_tokens_by_model: raw.estimate.output_tokens_by_model,
         },
         orgs,
+        source: None,
     })
 }
 
@@ -929,6 +1005,7 @@ fn validate_orgs(raw: Vec<RawOrg>, issues: &mut Issues) -> Vec<OrgConfig> {
             limits,
             upstream_key,
             client_token_hashes,
+            upstream_key_file: org.upstream_key_file,
         });
     }
     orgs
@@ -1022,6 +1099,41 @@ mod tests {
         assert_eq!(config.upstream.connect_timeout, Duration::from_secs(5));
         assert_eq!(config.server.max_body_bytes, 32 * 1024 * 1024);
         assert_eq!(config.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn config_watch_defaults_to_two_seconds_and_zero_turns_it_off() {
+        let config = parse("").expect("valid");
+        assert_eq!(config.server.config_watch, Some(Duration::from_secs(2)));
+        let off = parse("[server]\nconfig_watch_secs = 0").expect("valid");
+        assert_eq!(off.server.config_watch, None);
+        let err = parse("[server]\nconfig_watch_secs = -1").expect_err("negative");
+        assert_eq!(keys(err), ["server.config_watch_secs"]);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_running_values_of_restart_only_settings() {
+        let running = parse("[queue]\nmax_depth = 10\n[retry]\nmax_attempts = 2").expect("valid");
+        let mut next = parse(
+            "listen = \"127.0.0.1:9999\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n\
+             [queue]\nmax_depth = 20\n[retry]\nmax_attempts = 3\ncircuit_breaker_threshold = 9",
+        )
+        .expect("valid");
+        let changed = next.keep_restart_only(&running);
+        assert_eq!(
+            changed,
+            ["listen", "upstream.url", "retry.circuit_breaker_threshold"]
+        );
+        assert_eq!(next.listen, running.listen);
+        assert_eq!(next.upstream.base_url, running.upstream.base_url);
+        assert_eq!(
+            next.retry.circuit_threshold,
+            running.retry.circuit_threshold
+        );
+        // What a reload can change, it does.
+        assert_eq!(next.queue.max_depth, 20);
+        assert_eq!(next.retry.max_attempts, 3);
+        assert!(next.clone().keep_restart_only(&next).is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!
 //! Module map:
 //! - [`config`]: the TOML file and overrides, validated into [`config::Config`].
+//! - [`reload`]: SIGHUP and file changes put a new configuration in force.
 //! - [`server`]: shared state, the router, health and metrics endpoints, graceful drain.
 //! - [`proxy`]: the lifecycle, in phase order.
 //! - [`endpoint`]: which OpenAI endpoint a path names.
@@ -28,6 +29,7 @@ pub mod org;
 pub mod proxy;
 pub mod queue;
 pub mod quota;
+pub mod reload;
 pub mod retry;
 pub mod server;
 pub mod status_view;
@@ -48,8 +50,11 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let metrics_listen = config.metrics_listen;
+    let source = config.source.clone();
+    let upstream = config.upstream.base_url.clone();
     let state = Arc::new(server::AppState::new(config)?);
-    let ops = match state.config.metrics_listen {
+    let ops = match metrics_listen {
         Some(addr) => {
             let ops_listener = TcpListener::bind(addr)
                 .await
@@ -64,13 +69,18 @@ pub async fn run(
         }
         None => None,
     };
+    // Listening for SIGHUP before announcing the address: a reload signalled right after the
+    // start must reload, not end the process (SIGHUP's default).
+    let hangup = reload::Hangup::listen();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
-            upstream = %state.config.upstream.base_url,
+            upstream = %upstream,
             "sluice listening on http://{addr}"
         );
     }
+    let reloader = tokio::spawn(reload::watch(Arc::clone(&state), source, hangup));
     let served = server::serve(listener, state, shutdown).await;
+    reloader.abort();
     if let Some(ops) = ops {
         ops.abort();
     }

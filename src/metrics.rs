@@ -106,6 +106,11 @@ pub struct Metrics {
     pub tokens_used: IntCounterVec,
     pub prompt_estimate_ratio: HistogramVec,
     pub config_reloads: IntCounterVec,
+    /// 1 when the last reload (or the start) put its configuration in force, 0 when the last
+    /// reload was rejected and an older configuration still runs.
+    pub config_last_reload_ok: IntGauge,
+    /// When the configuration in force was loaded (Unix seconds).
+    pub config_loaded_at: prometheus::Gauge,
     pub header_errors: IntCounter,
     ratelimit_limit: GaugeVec,
     ratelimit_remaining: GaugeVec,
@@ -115,6 +120,15 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     orgs: LabelCap,
     models: LabelCap,
+    /// Held while a scrape refreshes the bucket gauges and reads them: two concurrent scrapes
+    /// would otherwise see each other's half-reset families.
+    scrape: std::sync::Mutex<()>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -206,6 +220,23 @@ impl Metrics {
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
+        let config_last_reload_ok = IntGauge::new(
+            "sluice_config_last_reload_successful",
+            "1 if the configuration file's last load (start or reload) is in force, 0 if it was \
+             rejected and the previous configuration still runs.",
+        )
+        .expect("static definition");
+        config_last_reload_ok.set(1);
+        r.register(Box::new(config_last_reload_ok.clone()))
+            .expect("metric names are unique");
+        let config_loaded_at = prometheus::Gauge::new(
+            "sluice_config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded, in Unix seconds.",
+        )
+        .expect("static definition");
+        config_loaded_at.set(unix_now());
+        r.register(Box::new(config_loaded_at.clone()))
+            .expect("metric names are unique");
         Self {
             requests: counter(
                 &r,
@@ -276,6 +307,8 @@ impl Metrics {
                 RATIO_BUCKETS,
             ),
             config_reloads,
+            config_last_reload_ok,
+            config_loaded_at,
             header_errors,
             ratelimit_limit: gauge(
                 &r,
@@ -316,6 +349,7 @@ impl Metrics {
             registry: r,
             orgs: LabelCap::new(MAX_ORG_LABELS),
             models: LabelCap::new(MAX_MODEL_LABELS),
+            scrape: std::sync::Mutex::new(()),
         }
     }
 
@@ -331,6 +365,10 @@ impl Metrics {
 
     /// Reads every bucket into the gauges, then renders the Prometheus text exposition.
     pub fn render(&self, buckets: &[Arc<BucketQueue>]) -> String {
+        let _scrape = self
+            .scrape
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.refresh(buckets);
         let mut buffer = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail on I/O; a failure here would be a bug in the
@@ -339,6 +377,17 @@ impl Metrics {
             tracing::error!(error = %err, "could not encode metrics");
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    /// Counts a reload's outcome.
+    pub fn reloaded(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+        self.config_last_reload_ok.set(i64::from(ok));
+        if ok {
+            self.config_loaded_at.set(unix_now());
+        }
     }
 
     fn refresh(&self, buckets: &[Arc<BucketQueue>]) {

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::access::AccessRecord;
-use crate::config::{Accounting, QueueConfig};
+use crate::config::{Accounting, Config, QueueConfig};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::estimate::{estimate, Estimate};
@@ -23,7 +23,7 @@ use crate::limiter::bucket::{Cost, Resource};
 use crate::limiter::{settlement, Charged, Reservation};
 use crate::org::Identity;
 use crate::retry::{self, Class, ErrorBody, Limited as LimitedResource};
-use crate::server::AppState;
+use crate::server::{AppState, Live};
 use crate::upstream::body::{BodyEnd, BodyOutcome, ObservedBody, UsageTap};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 use crate::upstream::usage::{request_stream_usage, SseUsage};
@@ -56,6 +56,8 @@ enum RequestBody {
 struct Admission {
     reservation: Reservation,
     charged: Charged,
+    /// How the upstream counts the request (from the configuration it was admitted under).
+    accounting: Accounting,
     /// sluice asked the upstream for stream usage itself and must hide that chunk.
     strip_usage_chunk: bool,
 }
@@ -110,7 +112,7 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         }),
     };
     match result {
-        Ok((answer, admission)) => relay(&state, endpoint, answer, admission, record),
+        Ok((answer, admission)) => relay(endpoint, answer, admission, record),
         Err(err) => reject(err, record),
     }
 }
@@ -124,14 +126,16 @@ async fn forward(
     record: &mut AccessRecord,
 ) -> Result<(Answer, Option<Admission>), ProxyError> {
     let (parts, body) = request.into_parts();
+    // This request runs under the configuration in force now, whatever a reload does later.
+    let live = state.live();
     let mut body = read_body(
         endpoint,
         &parts.headers,
         body,
-        state.config.server.max_body_bytes,
+        live.config.server.max_body_bytes,
     )
     .await?;
-    let identity = state
+    let identity = live
         .orgs
         .authenticate(&parts.headers)
         .map_err(|_| ProxyError::Unauthenticated)?;
@@ -144,25 +148,27 @@ async fn forward(
         ));
     }
 
-    let deadline = deadline(&parts.headers, &state.config.queue, Instant::now());
+    let deadline = deadline(&parts.headers, &live.config.queue, Instant::now());
     let mut admission = None;
     let mut estimated_tokens = None;
     // A request is estimated when a bucket may meter it: its org has limits, or unknown
     // limits are learned from the upstream.
-    let metered = state.config.upstream.learn_limits
+    let metered = live.config.upstream.learn_limits
         || identity
             .config
             .as_ref()
             .is_some_and(|org| !org.limits.is_empty());
     if let (RequestBody::Read(bytes), true) = (&body, metered) {
-        let estimate = estimate_cost(state, endpoint, bytes).await?;
+        let estimate = estimate_cost(state, &live, endpoint, bytes).await?;
         record.estimate(
             &estimate.model,
             estimate.prompt_tokens,
             estimate.output_tokens,
         );
         estimated_tokens = Some(estimate.total());
-        if let Some(mut admitted) = admit(state, &identity, &estimate, deadline, record).await? {
+        if let Some(mut admitted) =
+            admit(state, &live, &identity, &estimate, deadline, record).await?
+        {
             // Without usage in the stream the reservation could not be settled: ask for it,
             // and hide the extra chunk from a client that did not.
             if estimate.stream
@@ -196,6 +202,7 @@ async fn forward(
     }
     let mut exchange = Exchange {
         state,
+        config: &live.config,
         org: &identity.org,
         method: parts.method,
         path_and_query,
@@ -216,6 +223,7 @@ async fn forward(
 /// answer says a later attempt can succeed and the request's deadline allows.
 struct Exchange<'a> {
     state: &'a AppState,
+    config: &'a Config,
     org: &'a Arc<str>,
     method: Method,
     path_and_query: &'a str,
@@ -234,7 +242,7 @@ impl Exchange<'_> {
     }
 
     fn may_try_again(&self) -> bool {
-        self.resendable() && self.attempt < self.state.config.retry.max_attempts
+        self.resendable() && self.attempt < self.config.retry.max_attempts
     }
 
     async fn run(
@@ -320,7 +328,7 @@ impl Exchange<'_> {
                     tracing::warn!(
                         org = %self.org,
                         code = error.parsed.as_ref().and_then(|e| e.code.as_deref()).unwrap_or(""),
-                        cooldown_secs = self.state.config.retry.quota_cooldown.as_secs_f64(),
+                        cooldown_secs = self.config.retry.quota_cooldown.as_secs_f64(),
                         "upstream quota exhausted; answering this org's requests from the cool-down"
                     );
                     let mut headers = error.headers;
@@ -330,7 +338,7 @@ impl Exchange<'_> {
                         error.status,
                         headers.clone(),
                         error.body.clone(),
-                        self.state.config.retry.quota_cooldown,
+                        self.config.retry.quota_cooldown,
                         Instant::now(),
                     );
                     return Ok(Answer::buffered(error.status, headers, error.body));
@@ -420,7 +428,7 @@ impl Exchange<'_> {
         if !self.may_try_again() {
             return None;
         }
-        let config = &self.state.config.retry;
+        let config = &self.config.retry;
         let wait = hint.unwrap_or_else(|| {
             retry::backoff(
                 self.attempt.saturating_sub(1),
@@ -452,7 +460,7 @@ impl Exchange<'_> {
             // Nothing meters this request (no bucket to pause): the client decides.
             return Err(passthrough());
         };
-        let config = &self.state.config.retry;
+        let config = &self.config.retry;
         let now = Instant::now();
         let hinted = retry::wait_hint(
             class,
@@ -626,10 +634,11 @@ async fn read_body(
 /// Estimates the request's tokens; large bodies go to the blocking pool.
 async fn estimate_cost(
     state: &AppState,
+    live: &Live,
     endpoint: Endpoint,
     body: &Bytes,
 ) -> Result<Estimate, ProxyError> {
-    let defaults = &state.output_defaults;
+    let defaults = &live.output_defaults;
     if body.len() < BLOCKING_ESTIMATE_BYTES {
         return estimate(&state.tokenizers, endpoint, body, defaults)
             .map_err(ProxyError::InvalidBody);
@@ -647,6 +656,7 @@ async fn estimate_cost(
 /// it (no limits configured and none to learn).
 async fn admit(
     state: &AppState,
+    live: &Live,
     identity: &Identity,
     estimate: &Estimate,
     deadline: Instant,
@@ -664,7 +674,8 @@ async fn admit(
             &identity.org,
             &estimate.model,
             limits,
-            state.config.upstream.learn_limits,
+            live.generation,
+            live.config.upstream.learn_limits,
             cost,
             identity.priority,
             deadline,
@@ -686,6 +697,7 @@ async fn admit(
             output_tokens: estimate.output_tokens,
             output_capped: estimate.output_capped,
         },
+        accounting: live.config.upstream.accounting,
         strip_usage_chunk: false,
     }))
 }
@@ -716,7 +728,6 @@ fn header_seconds(headers: &HeaderMap, name: &str) -> Option<Duration> {
 /// chunk by chunk as it arrives. When the body ends (or is dropped) the reservation is
 /// settled against the usage it reported, and the exchange is recorded.
 fn relay(
-    state: &AppState,
     endpoint: Option<Endpoint>,
     answer: Answer,
     admission: Option<Admission>,
@@ -747,11 +758,10 @@ fn relay(
             headers.remove(header::CONTENT_LENGTH);
         }
     }
-    let accounting = state.config.upstream.accounting;
     let body = ObservedBody::new(body, tap, move |end: BodyEnd| {
         let finish = move || {
             if let Some(admitted) = admission {
-                settle(admitted, status, &end, accounting);
+                settle(admitted, status, &end);
             }
             if let Some(usage) = end.usage {
                 record.usage(usage.prompt_tokens, usage.completion_tokens);
@@ -785,10 +795,11 @@ fn relay(
 }
 
 /// The reservation's exit once the upstream has answered.
-fn settle(admitted: Admission, status: StatusCode, end: &BodyEnd, accounting: Accounting) {
+fn settle(admitted: Admission, status: StatusCode, end: &BodyEnd) {
     let Admission {
         reservation,
         charged,
+        accounting,
         ..
     } = admitted;
     if status == StatusCode::TOO_MANY_REQUESTS {

@@ -14,7 +14,7 @@
 //! or returns budget wakes the heads, so no wake-up is lost and no timer task is needed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::config::QueueConfig;
 use crate::limiter::bucket::{Bucket, Cost, Limits, Resource, Shortfall, DAY, MINUTE};
 use crate::limiter::gate::{Circuit, Gate, Pass, Probe, ProbeOutcome};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
@@ -85,18 +86,47 @@ pub enum Rejection {
     QueueFull { depth: usize, wait: Duration },
 }
 
-/// The queue-wide bounds, shared by every bucket.
+/// The queue-wide bounds, shared by every bucket. The depths and the reserve change in place
+/// on a config reload; the margin and the circuit threshold are fixed when a bucket is made.
 #[derive(Debug)]
 pub struct QueueBounds {
-    pub max_depth: usize,
-    pub max_depth_per_bucket: usize,
-    pub interactive_reserve: f64,
+    max_depth: AtomicUsize,
+    max_depth_per_bucket: AtomicUsize,
+    /// An `f64`, as its bits.
+    interactive_reserve: AtomicU64,
     /// Refill left unused in every bucket (see [`Bucket::with_margin`]).
-    pub refill_margin: Duration,
+    refill_margin: Duration,
     /// Consecutive upstream 429s that open a bucket's circuit.
-    pub circuit_threshold: u32,
+    circuit_threshold: u32,
     /// Requests waiting in all buckets.
-    pub depth: AtomicUsize,
+    depth: AtomicUsize,
+}
+
+impl QueueBounds {
+    pub fn new(config: &QueueConfig, circuit_threshold: u32) -> Self {
+        Self {
+            max_depth: AtomicUsize::new(config.max_depth),
+            max_depth_per_bucket: AtomicUsize::new(config.max_depth_per_bucket),
+            interactive_reserve: AtomicU64::new(config.interactive_reserve.to_bits()),
+            refill_margin: config.refill_margin,
+            circuit_threshold,
+            depth: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes a reloaded config's depths and reserve. Requests already queued stay queued,
+    /// even past a lowered depth; the bound applies to new arrivals.
+    pub fn update(&self, config: &QueueConfig) {
+        self.max_depth.store(config.max_depth, Ordering::Relaxed);
+        self.max_depth_per_bucket
+            .store(config.max_depth_per_bucket, Ordering::Relaxed);
+        self.interactive_reserve
+            .store(config.interactive_reserve.to_bits(), Ordering::Relaxed);
+    }
+
+    fn interactive_reserve(&self) -> f64 {
+        f64::from_bits(self.interactive_reserve.load(Ordering::Relaxed))
+    }
 }
 
 struct Waiter {
@@ -110,6 +140,8 @@ struct State {
     /// The limits in force: the tighter of the configured and the learned ones.
     limits: Limits,
     configured: Limits,
+    /// The configuration (reload count) `configured` came from.
+    generation: u64,
     /// Limits the upstream's headers announced.
     learned: Limits,
     gate: Gate,
@@ -155,7 +187,7 @@ impl State {
     fn keep(&self, priority: Priority, bounds: &QueueBounds) -> f64 {
         match priority {
             Priority::Interactive => 0.0,
-            Priority::Batch => bounds.interactive_reserve,
+            Priority::Batch => bounds.interactive_reserve(),
         }
     }
 
@@ -248,6 +280,7 @@ impl BucketQueue {
                 bucket,
                 limits,
                 configured: limits,
+                generation: 0,
                 learned: Limits::default(),
                 gate,
                 classes: [VecDeque::new(), VecDeque::new()],
@@ -302,7 +335,7 @@ impl BucketQueue {
             let ahead = self.cost_ahead(&state, priority, cost);
             let wait = state.projected_wait(ahead, keep, arrived);
             let depth = state.classes[0].len() + state.classes[1].len();
-            if depth >= self.bounds.max_depth_per_bucket {
+            if depth >= self.bounds.max_depth_per_bucket.load(Ordering::Relaxed) {
                 return Err(Rejection::QueueFull { depth, wait });
             }
             if arrived + wait > deadline {
@@ -315,7 +348,7 @@ impl BucketQueue {
                 });
             }
             let total = self.bounds.depth.fetch_add(1, Ordering::Relaxed);
-            if total >= self.bounds.max_depth {
+            if total >= self.bounds.max_depth.load(Ordering::Relaxed) {
                 self.bounds.depth.fetch_sub(1, Ordering::Relaxed);
                 return Err(Rejection::QueueFull { depth: total, wait });
             }
@@ -441,8 +474,14 @@ impl BucketQueue {
 
     /// Replaces the configured limits (the learned ones still cap them), keeping what was
     /// spent, and wakes the heads.
-    pub fn set_limits(&self, limits: Limits) {
+    /// Takes the configured `limits` of configuration `generation`, unless the bucket already
+    /// took a newer configuration's.
+    pub fn set_limits(&self, limits: Limits, generation: u64) {
         let mut state = self.lock();
+        if generation < state.generation {
+            return;
+        }
+        state.generation = generation;
         if state.configured != limits {
             state.configured = limits;
             warn_if_above_upstream(&self.org, &self.model, &state.configured, &state.learned);
@@ -829,7 +868,6 @@ fn too_large(shortfall: Shortfall, cost: Cost) -> Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
 
     fn queue(limits: Limits, reserve: f64, max_depth: usize) -> Arc<BucketQueue> {
         Arc::new(BucketQueue::new(
@@ -837,14 +875,17 @@ mod tests {
             Arc::from("gpt-4o"),
             limits,
             false,
-            Arc::new(QueueBounds {
-                max_depth,
-                max_depth_per_bucket: max_depth,
-                interactive_reserve: reserve,
-                refill_margin: Duration::ZERO,
-                circuit_threshold: 3,
-                depth: AtomicUsize::new(0),
-            }),
+            Arc::new(QueueBounds::new(
+                &QueueConfig {
+                    max_wait: Duration::from_secs(60),
+                    max_depth,
+                    max_depth_per_bucket: max_depth,
+                    interactive_reserve: reserve,
+                    client_timeout_margin: Duration::from_secs(2),
+                    refill_margin: Duration::ZERO,
+                },
+                3,
+            )),
         ))
     }
 

@@ -2,7 +2,8 @@
 
 use std::future::{Future, IntoFuture};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::estimate::{OutputDefaults, Tokenizers};
+use crate::limiter::bucket::Limits;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::org::Orgs;
@@ -24,21 +26,54 @@ use crate::retry::RetryBudget;
 use crate::upstream::Upstream;
 
 /// The window over which requests earn the right to retries.
-const RETRY_BUDGET_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a config reload replaces. A request reads it once, when it arrives, and runs to the
+/// end under that one configuration.
+pub struct Live {
+    pub config: Config,
+    pub orgs: Orgs,
+    pub output_defaults: OutputDefaults,
+    /// Counts reloads; buckets ignore limits from an older configuration than the one they
+    /// already took (a request that arrived just before a reload must not undo it).
+    pub generation: u64,
+}
+
+impl Live {
+    fn new(config: Config, generation: u64) -> Self {
+        Self {
+            orgs: Orgs::new(&config.orgs),
+            output_defaults: OutputDefaults::new(
+                config.estimate.output_tokens_by_model.clone(),
+                config.estimate.default_output_tokens,
+            ),
+            config,
+            generation,
+        }
+    }
+
+    /// The configured limits of `org`'s `model` (none for an org the config does not list).
+    pub fn limits_of(&self, org: &str, model: &str) -> Limits {
+        self.config
+            .orgs
+            .iter()
+            .find(|configured| configured.name == org)
+            .and_then(|configured| configured.limits_for(model))
+            .unwrap_or_default()
+    }
+}
 
 /// Everything a request handler needs, shared behind one `Arc`.
 pub struct AppState {
-    pub config: Config,
+    live: RwLock<Arc<Live>>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
-    pub orgs: Orgs,
     pub limiter: Limiter,
     /// Orgs in quota cool-down.
     pub exhausted: Exhausted,
     /// Bounds retries of failed requests to a share of the traffic.
     pub retry_budget: RetryBudget,
     pub tokenizers: Arc<Tokenizers>,
-    pub output_defaults: OutputDefaults,
     draining: AtomicBool,
 }
 
@@ -59,14 +94,9 @@ pub fn tokenizers() -> Result<Arc<Tokenizers>, StartError> {
 impl AppState {
     pub fn new(config: Config) -> Result<Self, StartError> {
         let upstream = Upstream::new(&config.upstream).map_err(StartError::UpstreamClient)?;
-        let output_defaults = OutputDefaults::new(
-            config.estimate.output_tokens_by_model.clone(),
-            config.estimate.default_output_tokens,
-        );
         Ok(Self {
             upstream,
             metrics: Arc::new(Metrics::new()),
-            orgs: Orgs::new(&config.orgs),
             limiter: Limiter::new(&config.queue, config.retry.circuit_threshold),
             exhausted: Exhausted::default(),
             retry_budget: RetryBudget::new(
@@ -75,10 +105,39 @@ impl AppState {
                 RETRY_BUDGET_WINDOW,
             ),
             tokenizers: tokenizers()?,
-            output_defaults,
-            config,
+            live: RwLock::new(Arc::new(Live::new(config, 0))),
             draining: AtomicBool::new(false),
         })
+    }
+
+    /// The configuration in force now.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(
+            &self
+                .live
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    /// Puts a newly loaded configuration in force: the next request is identified, limited
+    /// and retried under it; buckets take their new limits at once, keeping what they have
+    /// spent; queued and in-flight requests carry on. Settings that need a restart keep their
+    /// running values; their keys are returned.
+    pub fn reload(&self, mut config: Config) -> Vec<&'static str> {
+        let mut live = self
+            .live
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let restart_only = config.keep_restart_only(&live.config);
+        let next = Arc::new(Live::new(config, live.generation + 1));
+        *live = Arc::clone(&next);
+        // Still under the write lock: two reloads cannot interleave their bucket updates.
+        self.limiter
+            .reconfigure(&next.config.queue, next.generation, |org, model| {
+                next.limits_of(org, model)
+            });
+        restart_only
     }
 }
 
@@ -162,7 +221,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
         .collect();
     let body = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "upstream": state.config.upstream.base_url,
+        "upstream": state.live().config.upstream.base_url,
         "draining": state.draining.load(Ordering::Relaxed),
         "quota_cooldowns": cooldowns,
         "buckets": buckets,
@@ -236,8 +295,7 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let drain_timeout = state.config.server.drain_timeout;
-    let (drain_started, drain_signal) = tokio::sync::oneshot::channel::<()>();
+    let (drain_started, drain_signal) = tokio::sync::oneshot::channel::<Duration>();
     let draining_state = Arc::clone(&state);
     // Small writes (SSE events, short JSON answers) must leave at once, not wait on Nagle's
     // algorithm for the client's delayed ACK.
@@ -249,14 +307,16 @@ pub async fn serve(
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
         shutdown.await;
         draining_state.draining.store(true, Ordering::Relaxed);
+        // Read now: a reload may have changed it since the server started.
+        let drain_timeout = draining_state.live().config.server.drain_timeout;
         tracing::info!(
             drain_timeout_secs = drain_timeout.as_secs_f64(),
             "shutdown requested: no new connections; draining in-flight requests"
         );
-        let _ = drain_started.send(());
+        let _ = drain_started.send(drain_timeout);
     });
     let deadline = async move {
-        if drain_signal.await.is_ok() {
+        if let Ok(drain_timeout) = drain_signal.await {
             tokio::time::sleep(drain_timeout).await;
         } else {
             std::future::pending::<()>().await;

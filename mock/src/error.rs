@@ -41,6 +41,29 @@ impl ApiError {
         }
     }
 
+    /// A key the provider does not (or no longer) accept; the message shows only its ends.
+    pub(crate) fn incorrect_api_key(key: &str) -> ApiError {
+        let head: String = key.chars().take(3).collect();
+        let tail: String = key
+            .chars()
+            .rev()
+            .take(4)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        ApiError {
+            code: Some("invalid_api_key"),
+            ..ApiError::invalid_request(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "Incorrect API key provided: {head}***{tail}. You can find your API key at \
+                     https://platform.openai.com/account/api-keys."
+                ),
+            )
+        }
+    }
+
     pub(crate) fn unknown_url(method: &str, path: &str) -> ApiError {
         ApiError {
             code: Some("unknown_url"),

@@ -39,6 +39,8 @@ pub(crate) struct App {
     pub limiter: Limiter,
     pub stats: Arc<Recorder>,
     pub faults: FaultQueue,
+    /// Keys the provider no longer accepts (rotated out): answered 401 `invalid_api_key`.
+    pub revoked: std::sync::Mutex<std::collections::HashSet<String>>,
     ids: Ids,
 }
 
@@ -49,6 +51,7 @@ impl App {
             config,
             stats: Arc::default(),
             faults: FaultQueue::default(),
+            revoked: Default::default(),
             ids: Ids::default(),
         }
     }
@@ -188,8 +191,17 @@ impl App {
             }
         }
 
+        let revoked = key.is_some_and(|key| {
+            self.revoked
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .contains(key)
+        });
         let response = match (key, endpoint) {
             (None, _) => self.error(&ctx, ApiError::missing_api_key(), HeaderMap::new()),
+            (Some(key), _) if revoked => {
+                self.error(&ctx, ApiError::incorrect_api_key(key), HeaderMap::new())
+            }
             (Some(_), Endpoint::Unknown) => {
                 let err = ApiError::unknown_url(parts.method.as_str(), path);
                 self.error(&ctx, err, HeaderMap::new())

@@ -102,6 +102,15 @@ impl MockServer {
         self.app.faults.push(rule);
     }
 
+    /// Stops accepting `key`, as the provider does once a rotated-out key is revoked.
+    pub fn revoke_key(&self, key: &str) {
+        self.app
+            .revoked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(key.to_owned());
+    }
+
     pub fn clear_faults(&self) {
         self.app.faults.clear();
     }

@@ -41,19 +41,28 @@ impl Limiter {
         Self {
             buckets: RwLock::new(HashMap::new()),
             count: AtomicUsize::new(0),
-            bounds: Arc::new(QueueBounds {
-                max_depth: config.max_depth,
-                max_depth_per_bucket: config.max_depth_per_bucket,
-                interactive_reserve: config.interactive_reserve,
-                refill_margin: config.refill_margin,
-                circuit_threshold,
-                depth: AtomicUsize::new(0),
-            }),
+            bounds: Arc::new(QueueBounds::new(config, circuit_threshold)),
+        }
+    }
+
+    /// Takes a reloaded configuration: new queue bounds, and each configured org's new limits
+    /// (`limits_of(org, model)`) in its existing buckets, which keep what they have spent and
+    /// let their queues move on at once if the limits rose.
+    pub fn reconfigure(
+        &self,
+        config: &QueueConfig,
+        generation: u64,
+        limits_of: impl Fn(&str, &str) -> Limits,
+    ) {
+        self.bounds.update(config);
+        for queue in self.buckets() {
+            queue.set_limits(limits_of(&queue.org, &queue.model), generation);
         }
     }
 
     /// The bucket of (org, model), created with `limits` on first use; an existing bucket
-    /// takes `limits` in place (keeping what it has spent) if they changed. A new bucket
+    /// takes `limits` in place (keeping what it has spent) if they changed and come from a
+    /// configuration (`generation`) no older than its own. A new bucket
     /// without limits is created only to `learn` them, and only while fewer than
     /// [`MAX_BUCKETS`] exist; otherwise `None`: nothing meters the pair.
     pub fn bucket(
@@ -61,6 +70,7 @@ impl Limiter {
         org: &Arc<str>,
         model: &str,
         limits: Limits,
+        generation: u64,
         learn: bool,
     ) -> Option<Arc<BucketQueue>> {
         let existing = self
@@ -71,7 +81,7 @@ impl Limiter {
             .and_then(|models| models.get(model))
             .cloned();
         if let Some(queue) = existing {
-            queue.set_limits(limits);
+            queue.set_limits(limits, generation);
             return Some(queue);
         }
         if limits.is_empty() && !learn {
@@ -95,6 +105,7 @@ impl Limiter {
             learn,
             Arc::clone(&self.bounds),
         ));
+        queue.set_limits(limits, generation);
         buckets
             .entry(Arc::clone(org))
             .or_default()
@@ -110,12 +121,13 @@ impl Limiter {
         org: &Arc<str>,
         model: &str,
         limits: Limits,
+        generation: u64,
         learn: bool,
         cost: Cost,
         priority: Priority,
         deadline: Instant,
     ) -> Result<Option<Reservation>, Rejection> {
-        let Some(queue) = self.bucket(org, model, limits, learn) else {
+        let Some(queue) = self.bucket(org, model, limits, generation, learn) else {
             return Ok(None);
         };
         let admitted = queue.admit(cost, priority, deadline).await?;
@@ -291,18 +303,21 @@ mod tests {
         assert_eq!(settlement(charged, 90, 200, Accounting::Actual), -10 - 3800);
     }
 
-    fn limiter() -> Limiter {
-        Limiter::new(
-            &QueueConfig {
+    impl Limiter {
+        fn test_queue_config() -> QueueConfig {
+            QueueConfig {
                 max_wait: Duration::from_secs(60),
                 max_depth: 10,
                 max_depth_per_bucket: 10,
                 interactive_reserve: 0.0,
                 client_timeout_margin: Duration::from_secs(2),
                 refill_margin: Duration::ZERO,
-            },
-            3,
-        )
+            }
+        }
+    }
+
+    fn limiter() -> Limiter {
+        Limiter::new(&Limiter::test_queue_config(), 3)
     }
 
     fn tpm(tokens: u64) -> Limits {
@@ -323,6 +338,7 @@ mod tests {
                     org,
                     "m",
                     tpm(1000),
+                    0,
                     false,
                     Cost::request(tokens),
                     Priority::Interactive,
@@ -333,7 +349,7 @@ mod tests {
         };
         let tokens = || {
             limiter
-                .bucket(org, "m", tpm(1000), false)
+                .bucket(org, "m", tpm(1000), 0, false)
                 .expect("limited")
                 .available(Resource::Tokens)
         };
@@ -362,6 +378,29 @@ mod tests {
         assert!((after - 350.0).abs() < 1e-6, "{after}");
         admit(300).await.expect("fits").settle(-100);
         assert!((tokens().expect("limited") - 150.0).abs() < 1e-6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limits_from_an_older_configuration_do_not_undo_a_reload() {
+        let limiter = limiter();
+        let org: Arc<str> = Arc::from("acme");
+        let configured = |limiter: &Limiter| {
+            limiter
+                .bucket(&org, "m", tpm(1), 0, false)
+                .expect("limited")
+                .status()
+                .configured
+        };
+        limiter.bucket(&org, "m", tpm(1000), 0, false);
+        // The reload (generation 1) sets 5000 on the existing bucket...
+        limiter.reconfigure(&Limiter::test_queue_config(), 1, |_, _| tpm(5000));
+        assert_eq!(configured(&limiter), tpm(5000));
+        // ...and a request that read the configuration before it cannot put 1000 back.
+        limiter.bucket(&org, "m", tpm(1000), 0, false);
+        assert_eq!(configured(&limiter), tpm(5000));
+        // The next configuration's requests set theirs.
+        limiter.bucket(&org, "m", tpm(7000), 1, false);
+        assert_eq!(configured(&limiter), tpm(7000));
     }
 
     #[test]

@@ -30,6 +30,20 @@ impl Sluice {
             ..Overrides::default()
         };
         let config = Config::parse(toml, "test", &overrides).expect("test config is valid");
+        Self::start_config(config).await
+    }
+
+    /// sluice run from a config file, as `--config` runs it (so it reloads the file).
+    pub async fn start_file(upstream: &str, path: &std::path::Path) -> Self {
+        let overrides = Overrides {
+            upstream: Some(upstream.to_owned()),
+            ..Overrides::default()
+        };
+        let config = Config::load(path, &overrides).expect("test config is valid");
+        Self::start_config(config).await
+    }
+
+    async fn start_config(config: Config) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
