@@ -7,6 +7,11 @@ completion requests at 50 connections (throughput) and at 1 connection (added la
 Everything targets 127.0.0.1, and every run is bounded by --duration.
 
     python3 bench/load.py [--duration 8] [--rounds 3] [--skip-build] [--sluice-arg=--config=FILE ...]
+                          [--scrape-interval 1]
+
+With --scrape-interval, sluice is measured a second time in each round while a scraper
+fetches its /metrics every that many seconds (as Prometheus would), to show what scraping
+costs the requests.
 
 The targets are measured in turn, round after round, and each figure is the median over the
 rounds: on a shared 2-core machine a single run can be off by 30%.
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +141,31 @@ def wrk(addr, connections, duration):
     return rps, lat
 
 
+class Scraper:
+    """Fetches http://addr/metrics every `interval` seconds while running."""
+
+    def __init__(self, addr, interval):
+        self.addr, self.interval = addr, interval
+        self.stop = threading.Event()
+        self.scrapes, self.bytes = 0, 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=5) as response:
+                self.bytes = len(response.read())
+            self.scrapes += 1
+            self.stop.wait(self.interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 def median_run(runs):
     """The median requests/s and the median of each latency percentile over the rounds."""
     rps = statistics.median(r for r, _ in runs)
@@ -148,6 +179,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--sluice-arg", action="append", default=[], help="extra argument for sluice")
+    parser.add_argument("--scrape-interval", type=float, default=None,
+                        help="also measure sluice while /metrics is scraped this often (seconds)")
     args = parser.parse_args()
 
     ensure_tools()
@@ -170,13 +203,24 @@ def main():
         procs.append(nginx)
 
         targets = {"mock (direct)": mock_addr, "nginx": nginx_addr, "sluice": sluice_addr}
+        scraped = None
+        if args.scrape_interval:
+            scraped = f"sluice, /metrics every {args.scrape_interval:g} s"
+            targets[scraped] = sluice_addr
         for addr in targets.values():  # warm connection pools
             wrk(addr, 50, 2)
         runs = {name: {"c50": [], "c1": []} for name in targets}
+        scrape_bytes = 0
         for _ in range(args.rounds):
             for name, addr in targets.items():
-                runs[name]["c50"].append(wrk(addr, 50, args.duration))
-                runs[name]["c1"].append(wrk(addr, 1, args.duration))
+                if name == scraped:
+                    with Scraper(addr, args.scrape_interval) as scraper:
+                        runs[name]["c50"].append(wrk(addr, 50, args.duration))
+                        runs[name]["c1"].append(wrk(addr, 1, args.duration))
+                    scrape_bytes = scraper.bytes
+                else:
+                    runs[name]["c50"].append(wrk(addr, 50, args.duration))
+                    runs[name]["c1"].append(wrk(addr, 1, args.duration))
         results = {name: {load: median_run(r) for load, r in loads.items()} for name, loads in runs.items()}
 
         direct = results["mock (direct)"]
@@ -194,6 +238,12 @@ def main():
         added = results["sluice"]["c1"][1]["50"] - direct["c1"][1]["50"]
         print(f"\nsluice / nginx throughput at 50 connections: {ratio:.2f}x (target >= 0.8x)")
         print(f"sluice added p50 latency at 1 connection: {added / 1000:.3f} ms (target <= 0.2 ms)")
+        if scraped:
+            plain, busy = results["sluice"], results[scraped]
+            print(f"with /metrics scraped every {args.scrape_interval:g} s ({scrape_bytes:,} bytes each): "
+                  f"throughput {busy['c50'][0] / plain['c50'][0] - 1:+.1%}, "
+                  f"p50 @1 {(busy['c1'][1]['50'] - plain['c1'][1]['50']):+.0f} us, "
+                  f"p99 @50 {(busy['c50'][1]['99'] - plain['c50'][1]['99']):+.0f} us")
     finally:
         for proc in procs:
             proc.terminate()

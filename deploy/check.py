@@ -43,6 +43,8 @@ COUNTERS_AND_GAUGES = {
     "sluice_tokens_reserved_total": {"org", "model"},
     "sluice_tokens_used_total": {"org", "model", "kind"},
     "sluice_config_reloads_total": {"result"},
+    "sluice_config_last_reload_successful": set(),
+    "sluice_config_last_reload_success_timestamp_seconds": set(),
     "sluice_build_info": {"version"},
 }
 HISTOGRAMS = {

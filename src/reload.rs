@@ -99,10 +99,15 @@ async fn reload(state: &AppState, source: &ConfigSource, trigger: Trigger) {
         }
         Ok(Err(err)) => {
             state.metrics.reloaded(false);
-            // The error names each problem by its key path; it never holds a key's value.
+            // One line (log pipelines split on newlines), naming each problem by its key path;
+            // no message holds a key's value.
+            let problems: Vec<String> = err.issues.iter().map(ToString::to_string).collect();
             tracing::error!(
                 trigger = trigger.label(),
-                "configuration reload rejected; the previous configuration stays in force. {err}"
+                file = %err.source_name,
+                problems = problems.join("; "),
+                "configuration reload rejected; the previous configuration stays in force \
+                 (sluice check-config shows the same problems)"
             );
         }
         Err(err) => {
