@@ -473,9 +473,8 @@ impl BucketQueue {
     }
 
     /// Replaces the configured limits (the learned ones still cap them), keeping what was
-    /// spent, and wakes the heads.
-    /// Takes the configured `limits` of configuration `generation`, unless the bucket already
-    /// took a newer configuration's.
+    /// spent, and wakes the heads; unless the bucket already took the limits of a newer
+    /// configuration than `generation`.
     pub fn set_limits(&self, limits: Limits, generation: u64) {
         let mut state = self.lock();
         if generation < state.generation {

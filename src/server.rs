@@ -124,15 +124,21 @@ impl AppState {
     /// and retried under it; buckets take their new limits at once, keeping what they have
     /// spent; queued and in-flight requests carry on. Settings that need a restart keep their
     /// running values; their keys are returned.
+    ///
+    /// Reloads come one at a time from the single watcher task ([`crate::reload::watch`]).
     pub fn reload(&self, mut config: Config) -> Vec<&'static str> {
-        let mut live = self
-            .live
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let restart_only = config.keep_restart_only(&live.config);
-        let next = Arc::new(Live::new(config, live.generation + 1));
-        *live = Arc::clone(&next);
-        // Still under the write lock: two reloads cannot interleave their bucket updates.
+        let (next, restart_only) = {
+            let mut live = self
+                .live
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let restart_only = config.keep_restart_only(&live.config);
+            let next = Arc::new(Live::new(config, live.generation + 1));
+            *live = Arc::clone(&next);
+            (next, restart_only)
+        };
+        // Outside the lock, so arriving requests never wait on the walk over every bucket; a
+        // request that read the old configuration cannot undo this (see `generation`).
         self.limiter
             .reconfigure(&next.config.queue, next.generation, |org, model| {
                 next.limits_of(org, model)

@@ -493,14 +493,7 @@ async fn health_readiness_and_metrics() {
     // The exchange is recorded just after its last byte leaves: poll briefly.
     let mut metrics = String::new();
     for _ in 0..100 {
-        metrics = client()
-            .get(sluice.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        metrics = metrics_text(&sluice).await;
         if metrics.contains("sluice_requests_in_flight 0") {
             break;
         }

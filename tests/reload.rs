@@ -37,17 +37,6 @@ fn acme(rpm: u64) -> String {
     )
 }
 
-async fn metrics(sluice: &Sluice) -> String {
-    client()
-        .get(sluice.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of one sample of the exposition, e.g. `sluice_config_reloads_total{result="ok"}`.
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
@@ -57,7 +46,7 @@ fn sample(text: &str, series: &str) -> f64 {
 
 async fn reloads(sluice: &Sluice, result: &str) -> f64 {
     sample(
-        &metrics(sluice).await,
+        &metrics_text(sluice).await,
         &format!("sluice_config_reloads_total{{result=\"{result}\"}}"),
     )
 }
@@ -169,7 +158,7 @@ async fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
         "the rejected reload",
         reloads(&sluice, "error").await == 1.0
     );
-    let text = metrics(&sluice).await;
+    let text = metrics_text(&sluice).await;
     assert_eq!(sample(&text, "sluice_config_last_reload_successful"), 0.0);
     assert_eq!(
         sample(&text, "sluice_config_reloads_total{result=\"ok\"}"),
@@ -194,7 +183,7 @@ async fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
     // Fixed: in force, and the gauge says so again.
     replace(&path, &acme(900));
     wait_for!("the good reload", reloads(&sluice, "ok").await == 1.0);
-    let text = metrics(&sluice).await;
+    let text = metrics_text(&sluice).await;
     assert_eq!(sample(&text, "sluice_config_last_reload_successful"), 1.0);
     let bucket = acme_bucket(&sluice).await;
     assert_eq!(bucket["limits"]["configured"]["rpm"], 900, "{bucket}");

@@ -102,6 +102,18 @@ pub fn chat_body(stream: bool) -> serde_json::Value {
     })
 }
 
+/// The Prometheus text sluice serves now.
+pub async fn metrics_text(sluice: &Sluice) -> String {
+    client()
+        .get(sluice.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Waits until `check` holds, polling; panics with `what` after `timeout`.
 pub async fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
