@@ -29,6 +29,12 @@ const DEFAULT_DRAIN_TIMEOUT_SECS: f64 = 30.0;
 /// few small files every two seconds costs nothing, and an edit or a Kubernetes ConfigMap
 /// update takes effect before anyone wonders whether it did.
 const DEFAULT_CONFIG_WATCH_SECS: f64 = 2.0;
+const MAX_WORKERS: u64 = 1024;
+
+/// One event loop per core the process may run on.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
 const DEFAULT_MAX_WAIT_SECS: f64 = 60.0;
 const DEFAULT_MAX_DEPTH: usize = 10_000;
 const DEFAULT_MAX_DEPTH_PER_BUCKET: usize = 2_000;
@@ -200,6 +206,8 @@ pub struct ServerConfig {
     /// How often the config file and its key files are checked for changes; `None`: only
     /// SIGHUP reloads.
     pub config_watch: Option<Duration>,
+    /// Event-loop threads, each serving the connections it accepts from its own socket.
+    pub workers: usize,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -333,6 +341,7 @@ struct RawServer {
     max_body_bytes: Option<u64>,
     drain_timeout_secs: Option<f64>,
     config_watch_secs: Option<f64>,
+    workers: Option<u64>,
 }
 
 /// One problem with the configuration, named by the key path it concerns.
@@ -415,6 +424,7 @@ impl Config {
         keep!(listen, "listen");
         keep!(metrics_listen, "metrics_listen");
         keep!(log_format, "log_format");
+        keep!(server.workers, "server.workers");
         keep!(upstream.base_url, "upstream.url");
         keep!(upstream.connect_timeout, "upstream.connect_timeout_secs");
         keep!(upstream.read_timeout, "upstream.read_timeout_secs");
@@ -566,6 +576,19 @@ fn validate(
         )),
     };
 
+    // 0 (the default): one per core.
+    let workers = match raw.server.workers.unwrap_or(0) {
+        0 => default_workers(),
+        n @ 1..=MAX_WORKERS => n as usize,
+        n => {
+            issues.add(
+                "server.workers",
+                format!("{n} is out of range: use 1 to {MAX_WORKERS}, or 0 for one per core"),
+            );
+            1
+        }
+    };
+
     let max_body = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
     let max_body_bytes = match usize::try_from(max_body) {
         Ok(n) if n >= 1024 => n,
@@ -681,6 +704,7 @@ fn validate(
             max_body_bytes,
             drain_timeout,
             config_watch,
+            workers,
         },
         queue: QueueConfig {
             max_wait,
@@ -1109,6 +1133,16 @@ mod tests {
         assert_eq!(off.server.config_watch, None);
         let err = parse("[server]\nconfig_watch_secs = -1").expect_err("negative");
         assert_eq!(keys(err), ["server.config_watch_secs"]);
+    }
+
+    #[test]
+    fn workers_default_to_one_per_core() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(parse("").expect("valid").server.workers, cores);
+        assert_eq!(parse("[server]\nworkers = 0").expect("valid").server.workers, cores);
+        assert_eq!(parse("[server]\nworkers = 3").expect("valid").server.workers, 3);
+        let err = parse("[server]\nworkers = 5000").expect_err("too many");
+        assert_eq!(keys(err), ["server.workers"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`config`]: the TOML file and overrides, validated into [`config::Config`].
 //! - [`reload`]: SIGHUP and file changes put a new configuration in force.
 //! - [`server`]: shared state, the router, health and metrics endpoints, graceful drain.
+//! - [`workers`]: the event-loop threads, one socket each.
 //! - [`proxy`]: the lifecycle, in phase order.
 //! - [`endpoint`]: which OpenAI endpoint a path names.
 //! - [`upstream`]: the shared HTTP client, header rules, the observed response body.
@@ -15,6 +16,7 @@
 //! - [`quota`]: orgs out of quota, answered from a cool-down without calling upstream.
 //! - [`access`]: the access-log line and request metrics of a finished exchange.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`log_writer`]: the log's batched, lossless stderr writer.
 //! - [`status_view`]: the `/status` JSON as the table `sluice status` prints.
 //! - [`error`]: the one error enum and its OpenAI-shaped response.
 
@@ -24,6 +26,7 @@ pub mod endpoint;
 pub mod error;
 pub mod estimate;
 pub mod limiter;
+pub mod log_writer;
 pub mod metrics;
 pub mod org;
 pub mod proxy;
@@ -34,6 +37,7 @@ pub mod retry;
 pub mod server;
 pub mod status_view;
 pub mod upstream;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,10 +47,24 @@ use tokio::net::TcpListener;
 pub use config::Config;
 pub use server::StartError;
 
-/// Runs sluice on `listener` until `shutdown` resolves, then drains and returns. The binary
-/// and the integration tests (on port 0) both start the server through this function.
+/// Runs sluice on `listener` until `shutdown` resolves, then drains and returns. The
+/// integration tests (on port 0) start the server through this function; the binary through
+/// [`run_workers`], which adds event-loop threads around the same server.
 pub async fn run(
     listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    run_workers(listener, Vec::new(), config, shutdown).await
+}
+
+/// Runs sluice on `listener` in the calling task, and on each of `more` (sockets bound to
+/// the same address, see [`workers::bind`]) in a thread of its own with a single-threaded
+/// runtime, all sharing one state. When `shutdown` resolves every worker stops accepting and
+/// drains; this returns once all have.
+pub async fn run_workers(
+    listener: TcpListener,
+    more: Vec<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
@@ -69,20 +87,47 @@ pub async fn run(
         }
         None => None,
     };
+    let stop = workers::Stop::new();
+    let mut started = Vec::with_capacity(more.len());
+    for (index, listener) in more.into_iter().enumerate() {
+        started.push(workers::spawn(
+            index + 1,
+            listener,
+            Arc::clone(&state),
+            stop.clone(),
+        )?);
+    }
     // Listening for SIGHUP before announcing the address: a reload signalled right after the
     // start must reload, not end the process (SIGHUP's default).
     let hangup = reload::Hangup::listen();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             upstream = %upstream,
+            workers = started.len() + 1,
             "sluice listening on http://{addr}"
         );
     }
     let reloader = tokio::spawn(reload::watch(Arc::clone(&state), source, hangup));
-    let served = server::serve(listener, state, shutdown).await;
+    let served = server::serve(listener, state, {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.stop();
+        }
+    })
+    .await;
+    // However this worker ended, the others end too.
+    stop.stop();
+    let mut result = served;
+    for worker in started {
+        let ended = worker.join().await;
+        if result.is_ok() {
+            result = ended;
+        }
+    }
     reloader.abort();
     if let Some(ops) = ops {
         ops.abort();
     }
-    served
+    result
 }

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::QueueConfig;
-use crate::limiter::bucket::{Bucket, Cost, Limits, Resource, Shortfall, DAY, MINUTE};
+use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Resource, Shortfall, DAY, MINUTE};
 use crate::limiter::gate::{Circuit, Gate, Pass, Probe, ProbeOutcome};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 
@@ -222,6 +222,36 @@ impl State {
         true
     }
 
+    /// Takes `cost` for the request at the head if the gate and the bucket let it go now.
+    fn try_go(&mut self, cost: Cost, keep: f64, now: Instant) -> Go {
+        let probe = match self.gate.check(false, now) {
+            Pass::Go(probe) => probe,
+            Pass::Until(until) => return Go::At(until),
+            Pass::Hold => return Go::Hold,
+        };
+        let taken = match self.bucket.try_take(cost, keep, now) {
+            Ok(()) => Ok(probe),
+            // Beyond the proven burst: one request goes to prove it (a gate probe already
+            // going proves it as well as any), the others wait for its answer or the refill.
+            Err(Shortfall::Unproven { wait }) => {
+                let probe = probe.or(Some(Probe::Burst));
+                if probe == Some(Probe::Burst) && !self.gate.burst_probe_free() {
+                    return Go::At(now + wait);
+                }
+                self.bucket.take_as_proof(cost, keep, now).map(|()| probe)
+            }
+            Err(shortfall) => Err(shortfall),
+        };
+        match taken {
+            Ok(probe) => {
+                self.gate.claim(probe, now);
+                Go::Now(probe)
+            }
+            Err(Shortfall::Wait { wait, .. } | Shortfall::Unproven { wait }) => Go::At(now + wait),
+            Err(Shortfall::Never(oversize)) => Go::Never(oversize),
+        }
+    }
+
     /// The bucket's predicted wait for `cost`, and no earlier than the gate reopens.
     fn projected_wait(&mut self, cost: Cost, keep: f64, now: Instant) -> Duration {
         let bucket = self.bucket.projected_wait(cost, keep, now);
@@ -249,6 +279,18 @@ impl State {
             }
         }
     }
+}
+
+/// Whether the request at the head goes now ([`State::try_go`]).
+enum Go {
+    /// It took its cost and goes, as this probe if any.
+    Now(Option<Probe>),
+    /// Not before this instant.
+    At(Instant),
+    /// Not until woken (a probe's answer, a refund, new limits).
+    Hold,
+    /// Never: it is larger than a limit.
+    Never(Oversize),
 }
 
 /// The budget and the waiting line of one (organization, model).
@@ -318,18 +360,15 @@ impl BucketQueue {
                 return Err(too_large(never, cost));
             }
             if state.nobody_ahead(priority) {
-                if let Pass::Go(probe) = state.gate.check(false, arrived) {
-                    match state.bucket.try_take(cost, keep, arrived) {
-                        Ok(()) => {
-                            state.gate.claim(probe, arrived);
-                            return Ok(Admitted {
-                                waited: Duration::ZERO,
-                                probe,
-                            });
-                        }
-                        Err(Shortfall::Wait { .. }) => {}
-                        Err(never) => return Err(too_large(never, cost)),
+                match state.try_go(cost, keep, arrived) {
+                    Go::Now(probe) => {
+                        return Ok(Admitted {
+                            waited: Duration::ZERO,
+                            probe,
+                        })
                     }
+                    Go::Never(never) => return Err(too_large(never, cost)),
+                    Go::At(_) | Go::Hold => {}
                 }
             }
             let ahead = self.cost_ahead(&state, priority, cost);
@@ -378,26 +417,22 @@ impl BucketQueue {
                 let mut state = self.lock();
                 let keep = state.keep(priority, &self.bounds);
                 if state.current_head() == Some((priority, id)) {
-                    match state.gate.check(false, now) {
-                        Pass::Go(probe) => match state.bucket.try_take(cost, keep, now) {
-                            Ok(()) => {
-                                state.gate.claim(probe, now);
-                                state.remove(priority, id);
-                                place.queued = false;
-                                self.bounds.depth.fetch_sub(1, Ordering::Relaxed);
-                                // The next in line may fit too.
-                                state.wake_head();
-                                return Ok(Admitted {
-                                    waited: now.saturating_duration_since(arrived),
-                                    probe,
-                                });
-                            }
-                            Err(Shortfall::Wait { wait, .. }) => Some(now + wait),
-                            // The limits shrank below this request while it waited.
-                            Err(never) => return Err(too_large(never, cost)),
-                        },
-                        Pass::Until(until) => Some(until),
-                        Pass::Hold => None,
+                    match state.try_go(cost, keep, now) {
+                        Go::Now(probe) => {
+                            state.remove(priority, id);
+                            place.queued = false;
+                            self.bounds.depth.fetch_sub(1, Ordering::Relaxed);
+                            // The next in line may fit too.
+                            state.wake_head();
+                            return Ok(Admitted {
+                                waited: now.saturating_duration_since(arrived),
+                                probe,
+                            });
+                        }
+                        Go::At(at) => Some(at),
+                        Go::Hold => None,
+                        // The limits shrank below this request while it waited.
+                        Go::Never(never) => return Err(too_large(never, cost)),
                     }
                 } else {
                     None
@@ -574,6 +609,14 @@ impl BucketQueue {
         state.gate.answered();
         if let Some(probe) = probe {
             state.gate.finish_probe(probe, ProbeOutcome::Answered);
+            if probe == Probe::Burst && !state.bucket.is_proven() {
+                state.bucket.burst_proven();
+                tracing::debug!(
+                    org = %self.org,
+                    model = %self.model,
+                    "the upstream took a request beyond a second's worth at once: burst proven"
+                );
+            }
         }
         state.wake_head();
     }
@@ -601,6 +644,8 @@ impl BucketQueue {
         if let Some(resource) = rate_limited.burst {
             state.bucket.burst_refused(resource, now);
         }
+        // Whoever waited on a probe looks again (and finds the pause).
+        state.wake_head();
         state.last_429 = Some(Last429 {
             at: now,
             reason: rate_limited.reason,
@@ -839,27 +884,19 @@ impl Drop for Place<'_> {
     }
 }
 
-fn too_large(shortfall: Shortfall, cost: Cost) -> Rejection {
-    match shortfall {
-        Shortfall::Never {
-            resource,
-            limit,
-            window,
-        } => Rejection::TooLarge {
-            resource,
-            limit,
-            window,
-            requested: match resource {
-                Resource::Requests => cost.requests,
-                Resource::Tokens => cost.tokens,
-            },
-        },
-        // Only `Never` is passed here; a wait is not a size problem.
-        Shortfall::Wait { wait, resource } => Rejection::Deadline {
-            resource,
-            limit: None,
-            wait,
-            waited: Duration::ZERO,
+fn too_large(oversize: Oversize, cost: Cost) -> Rejection {
+    let Oversize {
+        resource,
+        limit,
+        window,
+    } = oversize;
+    Rejection::TooLarge {
+        resource,
+        limit,
+        window,
+        requested: match resource {
+            Resource::Requests => cost.requests,
+            Resource::Tokens => cost.tokens,
         },
     }
 }
@@ -868,7 +905,14 @@ fn too_large(shortfall: Shortfall, cost: Cost) -> Rejection {
 mod tests {
     use super::*;
 
+    /// A queue whose bucket's burst is proven (the proof has tests of its own).
     fn queue(limits: Limits, reserve: f64, max_depth: usize) -> Arc<BucketQueue> {
+        let queue = unproven_queue(limits, reserve, max_depth);
+        queue.lock().bucket.burst_proven();
+        queue
+    }
+
+    fn unproven_queue(limits: Limits, reserve: f64, max_depth: usize) -> Arc<BucketQueue> {
         Arc::new(BucketQueue::new(
             Arc::from("acme"),
             Arc::from("gpt-4o"),
@@ -1176,5 +1220,77 @@ mod tests {
             Duration::from_secs(1),
             "admitted at the refund, not after 30 s"
         );
+    }
+
+    fn rpm(requests: u64) -> Limits {
+        Limits {
+            rpm: Some(requests),
+            ..Limits::default()
+        }
+    }
+
+    /// Starts `n` admissions of one request each at once; returns them in arrival order.
+    async fn burst_of(
+        queue: &Arc<BucketQueue>,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<Admitted, Rejection>>> {
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let queue = Arc::clone(queue);
+            tasks.push(tokio::spawn(async move {
+                queue
+                    .admit(Cost::request(0), Priority::Interactive, far())
+                    .await
+            }));
+            settle_tasks().await;
+        }
+        tasks
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_request_proves_the_burst_before_the_rest_of_it_goes() {
+        let queue = unproven_queue(rpm(600), 0.0, 100); // 10 per second
+        let tasks = burst_of(&queue, 15).await;
+        // A second's worth went, and one more as the proof; the other 4 wait for its answer.
+        for task in &tasks[..11] {
+            assert!(task.is_finished());
+        }
+        assert_eq!(queue.depth(), (4, 0));
+        let mut admitted = Vec::new();
+        for task in tasks.into_iter().take(11) {
+            admitted.push(task.await.expect("task").expect("admitted"));
+        }
+        let probes: Vec<Probe> = admitted.iter().filter_map(|a| a.probe).collect();
+        assert_eq!(probes, [Probe::Burst]);
+        assert_eq!(admitted[10].probe, Some(Probe::Burst));
+        // The upstream took the proof: the rest goes at once, without waiting for refill.
+        queue.answered(Some(Probe::Burst));
+        settle_tasks().await;
+        assert_eq!(queue.depth(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_proof_shows_a_quantized_limit_and_the_rest_goes_at_its_rate() {
+        let queue = unproven_queue(rpm(600), 0.0, 100);
+        let start = Instant::now();
+        let tasks = burst_of(&queue, 16).await;
+        let waiting: Vec<_> = tasks.into_iter().skip(11).collect();
+        // The proof met a 429 although the per-minute figures had room.
+        let resume = Instant::now() + Duration::from_millis(100);
+        queue.rate_limited(RateLimited {
+            resume,
+            reset: resume,
+            burst: Some(Resource::Requests),
+            probe: Some(Probe::Burst),
+            reason: "requests",
+        });
+        let mut at = Vec::new();
+        for task in waiting {
+            task.await.expect("task").expect("admitted");
+            at.push(start.elapsed().as_millis() as u64 / 100);
+        }
+        // The bucket emptied and paces at 10 per second: 100 ms apart, not all at once.
+        assert_eq!(at, [1, 2, 3, 4, 5]);
+        assert_eq!(queue.status().burst[0], Some(10.0));
     }
 }

@@ -256,3 +256,86 @@ fn a_taken_address_fails_with_a_clear_message() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("cannot listen on"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_serves_and_drains_its_connections_on_sigterm() {
+    use futures_util::StreamExt;
+
+    let mock = mock_with(mock_openai::MockConfig {
+        chunk_delay: Duration::from_millis(30),
+        completion_tokens: 20,
+        ..mock_openai::MockConfig::default()
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("sluice-workers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    std::fs::write(&config, "[server]\nworkers = 3\n").unwrap();
+    let running = Running::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &mock.url(),
+        ],
+        &[],
+    );
+    assert!(
+        running.log.iter().any(|line| line.contains("workers=3")),
+        "{:#?}",
+        running.log
+    );
+    #[cfg(target_os = "linux")]
+    {
+        let mut threads: Vec<String> =
+            std::fs::read_dir(format!("/proc/{}/task", running.child.id()))
+                .unwrap()
+                .filter_map(|task| {
+                    std::fs::read_to_string(task.ok()?.path().join("comm")).ok()
+                })
+                .map(|name| name.trim().to_owned())
+                .filter(|name| name.starts_with("sluice-worker"))
+                .collect();
+        threads.sort();
+        assert_eq!(threads, ["sluice-worker-1", "sluice-worker-2"]);
+    }
+
+    // Twelve connections, each its own client: the kernel spreads them over the three
+    // workers' sockets. Each stream has started when SIGTERM arrives, and each must finish.
+    let mut body = chat_body(true);
+    body["max_tokens"] = serde_json::json!(20);
+    let mut streams = Vec::new();
+    for _ in 0..12 {
+        let response = reqwest::Client::new()
+            .post(running.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let first = stream.next().await.unwrap().unwrap();
+        streams.push(tokio::spawn(async move {
+            let mut text = String::from_utf8(first.to_vec()).unwrap();
+            while let Some(chunk) = stream.next().await {
+                text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+            }
+            text
+        }));
+    }
+    let ended = tokio::task::spawn_blocking(move || running.terminate());
+    for stream in streams {
+        let text = stream.await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "a stream was cut: {text}");
+    }
+    let (code, log) = ended.await.unwrap();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(
+        log.matches("drained; shutting down").count(),
+        3,
+        "each worker drains:\n{log}"
+    );
+}

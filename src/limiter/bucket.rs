@@ -11,6 +11,13 @@
 //! upstream shows that (a 429 while its per-minute figures had room, or figures that imply a
 //! smaller bucket), the burst shrinks to what it really allows at once; the rate stays. A
 //! shrunk burst doubles again every [`BURST_RETRY`] without new evidence.
+//!
+//! Nothing before a 429 tells a quantized limit from a plain one, so a burst is *proven*
+//! before it is used whole: up to one [`QUANTUM`]'s worth of a per-minute limit goes at once
+//! freely; beyond it, a single request goes first ([`Shortfall::Unproven`]). If the upstream
+//! takes it, the whole burst is proven; if it refuses it although its per-minute figures had
+//! room, the burst shrinks. A quantized upstream thus costs one 429 instead of a second's
+//! worth of them, and a plain one one round trip.
 
 use std::time::Duration;
 
@@ -21,6 +28,9 @@ pub const DAY: Duration = Duration::from_secs(86_400);
 
 /// How long a shrunk burst stays as it is before it doubles (back up to the whole limit).
 pub const BURST_RETRY: Duration = Duration::from_secs(60);
+/// The slice of a minute a per-minute limit may be enforced in (PROTOCOL §1: 60 000 RPM as
+/// 1 000 per second): that much of a burst is assumed to be there without proof.
+pub const QUANTUM: Duration = Duration::from_secs(1);
 /// 429s this close together come from one overshoot and count as one piece of evidence.
 const EVIDENCE_COALESCE: Duration = Duration::from_millis(200);
 
@@ -129,6 +139,8 @@ struct Meter {
     level: f64,
     /// When the burst (below capacity) next grows.
     grow_at: Option<Instant>,
+    /// Whether the upstream has shown it takes more than a [`QUANTUM`]'s worth at once.
+    proven: bool,
 }
 
 impl Meter {
@@ -142,7 +154,24 @@ impl Meter {
             rate: capacity / window.as_secs_f64(),
             level: capacity,
             grow_at: None,
+            // Daily limits are not quantized.
+            proven: window != MINUTE,
         }
+    }
+
+    /// What this limit may spend at once before its burst is proven.
+    fn quantum(&self) -> f64 {
+        (self.rate * QUANTUM.as_secs_f64()).max(1.0)
+    }
+
+    /// Seconds until taking `amount` spends no more of an unproven burst than a quantum
+    /// (zero when it already does, or the burst needs no proof).
+    fn seconds_until_proof_unneeded(&self, amount: f64) -> f64 {
+        if self.proven || self.burst <= self.quantum() {
+            return 0.0;
+        }
+        let floor = self.burst - self.quantum();
+        self.seconds_until(amount, floor)
     }
 
     /// Doubles a shrunk burst for every [`BURST_RETRY`] due by `now`. The level then refills
@@ -154,6 +183,8 @@ impl Meter {
             }
             self.burst = (self.burst * 2.0).min(self.capacity);
             self.grow_at = (self.burst < self.capacity).then_some(at + BURST_RETRY);
+            // The regrown part is a guess until a request proves it.
+            self.proven = false;
         }
     }
 
@@ -188,12 +219,20 @@ impl Meter {
 pub enum Shortfall {
     /// It fits after this wait, if nothing else is taken meanwhile.
     Wait { wait: Duration, resource: Resource },
+    /// It fits, but beyond the part of the burst the upstream has shown it takes at once:
+    /// it may go only as the single request that proves the burst ([`Bucket::take_as_proof`]),
+    /// or after `wait`, when the refill has brought it within the proven part.
+    Unproven { wait: Duration },
     /// It is larger than the limit itself and never fits.
-    Never {
-        resource: Resource,
-        limit: u64,
-        window: Duration,
-    },
+    Never(Oversize),
+}
+
+/// The limit a cost is larger than.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Oversize {
+    pub resource: Resource,
+    pub limit: u64,
+    pub window: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -261,10 +300,48 @@ impl Bucket {
     pub fn try_take(&mut self, cost: Cost, keep: f64, now: Instant) -> Result<(), Shortfall> {
         self.refill(now);
         self.check(cost, keep)?;
+        let unproven = self
+            .meters
+            .iter()
+            .map(|meter| meter.seconds_until_proof_unneeded(meter.needed(cost.of(meter.resource))))
+            .fold(0.0, f64::max);
+        if unproven > 0.0 {
+            return Err(Shortfall::Unproven {
+                wait: duration_from_secs(unproven),
+            });
+        }
+        self.take(cost);
+        Ok(())
+    }
+
+    /// Takes `cost` as the request that proves the burst: as [`Bucket::try_take`], but past
+    /// the unproven part of the burst. Its answer settles the proof
+    /// ([`Bucket::burst_proven`], or [`Bucket::burst_refused`] on a 429).
+    pub fn take_as_proof(&mut self, cost: Cost, keep: f64, now: Instant) -> Result<(), Shortfall> {
+        self.refill(now);
+        self.check(cost, keep)?;
+        self.take(cost);
+        Ok(())
+    }
+
+    fn take(&mut self, cost: Cost) {
         for meter in &mut self.meters {
             meter.level -= cost.of(meter.resource);
         }
-        Ok(())
+    }
+
+    /// The upstream took a request beyond the quantum at once: the whole burst is there.
+    pub fn burst_proven(&mut self) {
+        for meter in &mut self.meters {
+            meter.proven = true;
+        }
+    }
+
+    /// Whether every limit's burst is proven (or too small to need proof).
+    pub fn is_proven(&self) -> bool {
+        self.meters
+            .iter()
+            .all(|meter| meter.proven || meter.burst <= meter.quantum())
     }
 
     /// How long until `cost` would fit above `keep`, if nothing else were taken: zero when it
@@ -274,12 +351,13 @@ impl Bucket {
         match self.check(cost, keep) {
             Ok(()) => Ok(Duration::ZERO),
             Err(Shortfall::Wait { wait, .. }) => Ok(wait),
+            Err(Shortfall::Unproven { .. }) => Ok(Duration::ZERO),
             Err(never) => Err(never),
         }
     }
 
     fn check(&self, cost: Cost, keep: f64) -> Result<(), Shortfall> {
-        self.fits_ever(cost)?;
+        self.fits_ever(cost).map_err(Shortfall::Never)?;
         let mut longest: Option<(f64, Resource)> = None;
         for meter in &self.meters {
             let needed = meter.needed(cost.of(meter.resource));
@@ -317,10 +395,10 @@ impl Bucket {
     }
 
     /// Whether `cost` could ever fit (is within every limit).
-    pub fn fits_ever(&self, cost: Cost) -> Result<(), Shortfall> {
+    pub fn fits_ever(&self, cost: Cost) -> Result<(), Oversize> {
         for meter in &self.meters {
             if cost.of(meter.resource) > meter.capacity {
-                return Err(Shortfall::Never {
+                return Err(Oversize {
                     resource: meter.resource,
                     limit: meter.capacity as u64,
                     window: meter.window,
@@ -388,6 +466,7 @@ impl Bucket {
                 .find(|old| old.resource == meter.resource && old.window == meter.window)
             {
                 let spent = old.burst - old.level;
+                meter.proven = old.proven;
                 if old.burst < old.capacity {
                     meter.burst = old.burst.min(meter.capacity);
                     meter.grow_at = old.grow_at.or(Some(now + BURST_RETRY));
@@ -448,9 +527,9 @@ impl Bucket {
     }
 
     /// A 429 although the upstream's per-minute budget had room: its burst is smaller than
-    /// this bucket's. The first time, the burst drops to one second's worth (the quantum
-    /// PROTOCOL §1 names); while the evidence continues, it halves. The 429s of one overshoot
-    /// count once.
+    /// this bucket's, and empty now. The first time, the burst drops to one second's worth
+    /// (the quantum PROTOCOL §1 names); while the evidence continues, it halves. The level
+    /// drops to zero. The 429s of one overshoot count once.
     pub fn burst_refused(&mut self, resource: Resource, now: Instant) {
         if self
             .shrunk_at
@@ -468,6 +547,12 @@ impl Bucket {
         };
         let burst = (meter.burst / 2.0).min(meter.rate);
         self.shrink_burst(resource, burst, now);
+        // The upstream has nothing left at once: what sluice thought it had is not there.
+        for meter in &mut self.meters {
+            if meter.resource == resource && meter.window == MINUTE {
+                meter.level = meter.level.min(0.0);
+            }
+        }
     }
 }
 
@@ -486,6 +571,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A full bucket whose burst is proven: the level arithmetic alone (the proof has tests
+    /// of its own below).
+    fn proven(limits: &Limits, now: Instant) -> Bucket {
+        let mut bucket = Bucket::new(limits, now);
+        bucket.burst_proven();
+        bucket
+    }
+
+    fn proven_with_margin(limits: &Limits, margin: Duration, now: Instant) -> Bucket {
+        let mut bucket = Bucket::with_margin(limits, margin, now);
+        bucket.burst_proven();
+        bucket
+    }
+
     fn limits(rpm: u64, tpm: u64) -> Limits {
         Limits {
             rpm: Some(rpm),
@@ -501,7 +600,7 @@ mod tests {
     #[test]
     fn admits_up_to_capacity_then_waits_for_refill() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&limits(60, 600), t0);
+        let mut bucket = proven(&limits(60, 600), t0);
         for _ in 0..60 {
             bucket
                 .try_take(Cost::request(10), 0.0, t0)
@@ -525,7 +624,7 @@ mod tests {
     #[test]
     fn both_resources_must_have_room() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&limits(100, 1000), t0);
+        let mut bucket = proven(&limits(100, 1000), t0);
         bucket.try_take(Cost::request(900), 0.0, t0).expect("fits");
         // Requests are plentiful, tokens are not: nothing is taken from either.
         let Err(Shortfall::Wait { wait, resource }) = bucket.try_take(Cost::request(200), 0.0, t0)
@@ -541,14 +640,14 @@ mod tests {
     #[test]
     fn larger_than_the_limit_never_fits() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&limits(100, 1000), t0);
+        let mut bucket = proven(&limits(100, 1000), t0);
         assert_eq!(
             bucket.try_take(Cost::request(1001), 0.0, t0),
-            Err(Shortfall::Never {
+            Err(Shortfall::Never(Oversize {
                 resource: Resource::Tokens,
                 limit: 1000,
                 window: MINUTE
-            })
+            }))
         );
         assert!(bucket.fits_ever(Cost::request(1000)).is_ok());
     }
@@ -556,7 +655,7 @@ mod tests {
     #[test]
     fn the_reserved_share_is_kept_for_others() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&limits(10, 1000), t0);
+        let mut bucket = proven(&limits(10, 1000), t0);
         // Keeping 20 %: 8 requests fit, the 9th waits, but a request not keeping anything fits.
         for _ in 0..8 {
             bucket
@@ -570,14 +669,14 @@ mod tests {
     #[test]
     fn a_request_larger_than_the_unreserved_share_waits_for_a_full_bucket() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&limits(100, 1000), t0);
+        let mut bucket = proven(&limits(100, 1000), t0);
         assert!(bucket.try_take(Cost::request(900), 0.5, t0).is_ok());
     }
 
     #[test]
     fn debt_delays_later_admissions() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&limits(1000, 600), t0);
+        let mut bucket = proven(&limits(1000, 600), t0);
         bucket.try_take(Cost::request(600), 0.0, t0).expect("fits");
         bucket.charge(
             Cost {
@@ -597,7 +696,7 @@ mod tests {
     #[test]
     fn refunds_never_exceed_capacity() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&limits(10, 100), t0);
+        let mut bucket = proven(&limits(10, 100), t0);
         bucket.give_back(Cost::request(50), t0);
         assert_eq!(bucket.available(Resource::Tokens, t0), Some(100.0));
         assert_eq!(bucket.available(Resource::Requests, t0), Some(10.0));
@@ -606,7 +705,7 @@ mod tests {
     #[test]
     fn daily_limits_bind_alongside_minute_ones() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(
+        let mut bucket = proven(
             &Limits {
                 rpm: Some(100),
                 rpd: Some(3),
@@ -629,7 +728,7 @@ mod tests {
     #[test]
     fn changing_limits_keeps_what_was_spent() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&limits(100, 1000), t0);
+        let mut bucket = proven(&limits(100, 1000), t0);
         bucket.try_take(Cost::request(400), 0.0, t0).expect("fits");
         bucket.set_limits(&limits(50, 500), t0);
         assert_eq!(bucket.available(Resource::Tokens, t0), Some(100.0));
@@ -642,7 +741,7 @@ mod tests {
     #[test]
     fn the_margin_leaves_some_refill_unused() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::with_margin(&limits(60, 6000), Duration::from_millis(500), t0);
+        let mut bucket = proven_with_margin(&limits(60, 6000), Duration::from_millis(500), t0);
         bucket
             .try_take(Cost::request(6000), 0.0, t0)
             .expect("a full-size request still fits");
@@ -660,7 +759,7 @@ mod tests {
     #[test]
     fn unlimited_bucket_admits_everything() {
         let t0 = Instant::now();
-        let mut bucket = Bucket::new(&Limits::default(), t0);
+        let mut bucket = proven(&Limits::default(), t0);
         for _ in 0..10_000 {
             bucket
                 .try_take(Cost::request(1_000_000), 0.0, t0)
@@ -677,7 +776,7 @@ mod tests {
         ) {
             let t0 = Instant::now();
             let mut now = t0;
-            let mut bucket = Bucket::new(&limits(50, 2000), t0);
+            let mut bucket = proven(&limits(50, 2000), t0);
             for (op, amount, step) in ops {
                 now += Duration::from_millis(step);
                 match op {
@@ -699,7 +798,7 @@ mod tests {
             step_ms in 1u64..500,
         ) {
             let t0 = Instant::now();
-            let mut bucket = Bucket::new(&Limits { rpm: Some(rpm), ..Limits::default() }, t0);
+            let mut bucket = proven(&Limits { rpm: Some(rpm), ..Limits::default() }, t0);
             let mut admitted = 0u64;
             let mut elapsed = 0u64;
             while elapsed <= interval_ms {
@@ -719,7 +818,7 @@ mod tests {
         #[test]
         fn predicted_wait_is_exact(tokens in 1u64..1000, spent in 0u64..1000) {
             let t0 = Instant::now();
-            let mut bucket = Bucket::new(&limits(1000, 1000), t0);
+            let mut bucket = proven(&limits(1000, 1000), t0);
             bucket.charge(Cost { requests: 0, tokens: spent }, t0);
             let wait = bucket.wait_for(Cost::request(tokens), 0.0, t0).expect("fits eventually");
             if wait > Duration::from_millis(2) {
@@ -728,5 +827,141 @@ mod tests {
             }
             prop_assert!(bucket.try_take(Cost::request(tokens), 0.0, t0 + wait + Duration::from_micros(1)).is_ok());
         }
+    }
+
+    fn rpm(requests: u64) -> Limits {
+        Limits {
+            rpm: Some(requests),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn an_unproven_burst_lets_a_seconds_worth_go_then_asks_for_one_proof() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&rpm(600), t0); // 10 per second
+        assert!(!bucket.is_proven());
+        for _ in 0..10 {
+            bucket
+                .try_take(Cost::request(0), 0.0, t0)
+                .expect("within a quantum");
+        }
+        // The 11th would spend beyond a second's worth: it waits for the refill (0.1 s) or
+        // goes alone to prove the burst.
+        assert_eq!(
+            bucket.try_take(Cost::request(0), 0.0, t0),
+            Err(Shortfall::Unproven {
+                wait: Duration::from_millis(100)
+            })
+        );
+        bucket
+            .take_as_proof(Cost::request(0), 0.0, t0)
+            .expect("the proof goes");
+        bucket.burst_proven();
+        assert!(bucket.is_proven());
+        // Proven, the rest of the minute's 600 goes at once.
+        for _ in 0..589 {
+            bucket
+                .try_take(Cost::request(0), 0.0, t0)
+                .expect("proven burst");
+        }
+        assert!(matches!(
+            bucket.try_take(Cost::request(0), 0.0, t0),
+            Err(Shortfall::Wait { .. })
+        ));
+    }
+
+    #[test]
+    fn within_a_seconds_worth_the_refill_keeps_an_unproven_bucket_flowing() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&rpm(600), t0);
+        for i in 0..100 {
+            // One request every 100 ms, the rate itself: never beyond the quantum.
+            let now = t0 + Duration::from_millis(100 * i);
+            bucket
+                .try_take(Cost::request(0), 0.0, now)
+                .expect("at the rate");
+        }
+        assert!(!bucket.is_proven());
+    }
+
+    #[test]
+    fn a_refused_proof_shrinks_the_burst_to_a_second_and_empties_it() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&rpm(600), t0);
+        for _ in 0..10 {
+            bucket.try_take(Cost::request(0), 0.0, t0).expect("quantum");
+        }
+        bucket
+            .take_as_proof(Cost::request(0), 0.0, t0)
+            .expect("proof");
+        bucket.burst_refused(Resource::Requests, t0);
+        assert_eq!(bucket.burst(Resource::Requests), Some(10.0));
+        assert!(bucket.available(Resource::Requests, t0).expect("limited") <= 0.0);
+        // A second later the upstream's slice is full again, and so is sluice's: 10 go, and
+        // no proof is asked of a burst no larger than a second's worth.
+        let t1 = t0 + Duration::from_secs(1);
+        for _ in 0..10 {
+            bucket
+                .try_take(Cost::request(0), 0.0, t1)
+                .expect("refilled");
+        }
+        assert!(matches!(
+            bucket.try_take(Cost::request(0), 0.0, t1),
+            Err(Shortfall::Wait { .. })
+        ));
+    }
+
+    #[test]
+    fn a_regrown_burst_must_be_proven_again() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(&rpm(600), t0);
+        bucket.burst_proven();
+        bucket.burst_refused(Resource::Requests, t0);
+        assert!(
+            bucket.is_proven(),
+            "a burst of a second's worth needs no proof"
+        );
+        // The burst doubles after BURST_RETRY; the level refills into it at the rate.
+        let later = t0 + BURST_RETRY + Duration::from_secs(5);
+        assert_eq!(bucket.available(Resource::Requests, later), Some(10.0));
+        assert_eq!(bucket.burst(Resource::Requests), Some(20.0));
+        assert!(!bucket.is_proven());
+        let full = later + Duration::from_secs(1);
+        for _ in 0..10 {
+            bucket
+                .try_take(Cost::request(0), 0.0, full)
+                .expect("quantum");
+        }
+        assert!(matches!(
+            bucket.try_take(Cost::request(0), 0.0, full),
+            Err(Shortfall::Unproven { .. })
+        ));
+    }
+
+    #[test]
+    fn daily_limits_and_unproven_bursts_of_tokens() {
+        let t0 = Instant::now();
+        let daily = Limits {
+            rpd: Some(1000),
+            ..Limits::default()
+        };
+        let mut bucket = Bucket::new(&daily, t0);
+        assert!(bucket.is_proven(), "daily limits are not quantized");
+        for _ in 0..1000 {
+            bucket
+                .try_take(Cost::request(0), 0.0, t0)
+                .expect("daily burst");
+        }
+        // 60 000 TPM: 1 000 tokens at once without proof; a request of 4 000 is larger than
+        // a second's worth and goes only as the proof.
+        let mut tokens = Bucket::new(&limits(1_000_000, 60_000), t0);
+        assert!(matches!(
+            tokens.try_take(Cost::request(4_000), 0.0, t0),
+            Err(Shortfall::Unproven { .. })
+        ));
+        tokens
+            .take_as_proof(Cost::request(4_000), 0.0, t0)
+            .expect("proof");
     }
 }

@@ -27,6 +27,9 @@ pub enum Probe {
     Learning,
     /// The one request after the circuit's pause: it closes the circuit or opens it again.
     Circuit,
+    /// The one request beyond the proven part of the bucket's burst: its answer proves the
+    /// burst, or its 429 shows a quantized limit (see [`crate::limiter::bucket`]).
+    Burst,
 }
 
 /// How a probe's request ended.
@@ -74,6 +77,8 @@ pub struct Gate {
     learning: Option<Learning>,
     /// Requests holding a reservation, waiting to be sent again.
     replays: u32,
+    /// A [`Probe::Burst`] is out.
+    burst_probing: bool,
 }
 
 impl Gate {
@@ -89,6 +94,7 @@ impl Gate {
                 since: now,
             }),
             replays: 0,
+            burst_probing: false,
         }
     }
 
@@ -139,6 +145,7 @@ impl Gate {
                     learning.since = now;
                 }
             }
+            Some(Probe::Burst) => self.burst_probing = true,
             None => {}
         }
     }
@@ -162,7 +169,15 @@ impl Gate {
             // A 429 has already reopened the circuit (see `rate_limited`); an answer closes it.
             (Probe::Circuit, ProbeOutcome::Answered) => self.answered(),
             (Probe::Circuit, ProbeOutcome::RateLimited) => {}
+            // The bucket learns what the answer proved (`BucketQueue::answered`,
+            // `rate_limited`); the slot is free for the next proof either way.
+            (Probe::Burst, _) => self.burst_probing = false,
         }
+    }
+
+    /// Whether a [`Probe::Burst`] may go: none is out.
+    pub fn burst_probe_free(&self) -> bool {
+        !self.burst_probing
     }
 
     /// The limits are known now (learned from headers).
