@@ -1139,8 +1139,20 @@ mod tests {
     fn workers_default_to_one_per_core() {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(parse("").expect("valid").server.workers, cores);
-        assert_eq!(parse("[server]\nworkers = 0").expect("valid").server.workers, cores);
-        assert_eq!(parse("[server]\nworkers = 3").expect("valid").server.workers, 3);
+        assert_eq!(
+            parse("[server]\nworkers = 0")
+                .expect("valid")
+                .server
+                .workers,
+            cores
+        );
+        assert_eq!(
+            parse("[server]\nworkers = 3")
+                .expect("valid")
+                .server
+                .workers,
+            3
+        );
         let err = parse("[server]\nworkers = 5000").expect_err("too many");
         assert_eq!(keys(err), ["server.workers"]);
     }

@@ -149,8 +149,10 @@ struct State {
     /// Total cost queued per class, for predicting waits in O(1).
     queued: [Cost; 2],
     next_id: u64,
-    /// Everything ever sent upstream (re-sends included), to tell what a header has not seen.
-    sent: Cost,
+    /// The latest sends upstream (re-sends included), oldest first, to tell what a header
+    /// has not seen.
+    dispatches: VecDeque<Dispatch>,
+    next_dispatch: u64,
     /// The last rate-limit headers the upstream sent, and when.
     upstream: Option<(RateLimitHeaders, Instant)>,
     last_429: Option<Last429>,
@@ -166,12 +168,32 @@ pub struct Last429 {
     pub wait: Duration,
 }
 
-/// When a request was sent upstream and what had been sent by then, so a header it brings
-/// back can be corrected for what was sent after it.
+/// When a request was sent upstream, and which send it was, so a header it brings back can
+/// be corrected for what was sent after it.
 #[derive(Clone, Copy, Debug)]
 pub struct Mark {
     at: Instant,
-    sent: Cost,
+    seq: u64,
+}
+
+/// One send upstream, and what the upstream had left when it admitted it (per resource: the
+/// `remaining` of its response's headers), once known.
+#[derive(Clone, Copy, Debug)]
+struct Dispatch {
+    seq: u64,
+    cost: Cost,
+    remaining: [Option<f64>; 2],
+}
+
+/// Sends remembered per bucket. A header is corrected for the sends after its own; one
+/// older than this many sends is long superseded by newer headers.
+const TRACKED_DISPATCHES: usize = 1024;
+
+fn resource_index(resource: Resource) -> usize {
+    match resource {
+        Resource::Requests => 0,
+        Resource::Tokens => 1,
+    }
 }
 
 /// A request let through by [`BucketQueue::admit`].
@@ -220,6 +242,32 @@ impl State {
             queued.tokens -= waiter.cost.tokens;
         }
         true
+    }
+
+    /// Where the send `seq` is among those remembered.
+    fn dispatch_index(&self, seq: u64) -> Option<usize> {
+        let first = self.dispatches.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        // Sends removed from the middle (refused connections) shift the rest down.
+        let guess = index.min(self.dispatches.len().saturating_sub(1));
+        self.dispatches
+            .range(..=guess)
+            .rposition(|dispatch| dispatch.seq == seq)
+    }
+
+    /// The units of `resource` sent after the send `seq` that the upstream had not counted
+    /// when it admitted `seq` with `remaining` left: all of them, except those whose own
+    /// answers showed more left (the upstream admitted them first, so `remaining` already
+    /// counts them).
+    fn unseen_since(&self, seq: u64, resource: Resource, remaining: f64) -> f64 {
+        let index = resource_index(resource);
+        self.dispatches
+            .iter()
+            .rev()
+            .take_while(|dispatch| dispatch.seq > seq)
+            .filter(|dispatch| !dispatch.remaining[index].is_some_and(|seen| seen > remaining))
+            .map(|dispatch| dispatch.cost.of(resource))
+            .sum()
     }
 
     /// Takes `cost` for the request at the head if the gate and the bucket let it go now.
@@ -328,7 +376,8 @@ impl BucketQueue {
                 classes: [VecDeque::new(), VecDeque::new()],
                 queued: [Cost::default(); 2],
                 next_id: 0,
-                sent: Cost::default(),
+                dispatches: VecDeque::new(),
+                next_dispatch: 0,
                 upstream: None,
                 last_429: None,
             }),
@@ -526,11 +575,27 @@ impl BucketQueue {
     /// A request holding `cost` is being sent upstream (again, for a replay).
     pub fn dispatched(&self, cost: Cost) -> Mark {
         let mut state = self.lock();
-        state.sent.requests += cost.requests;
-        state.sent.tokens += cost.tokens;
+        let seq = state.next_dispatch;
+        state.next_dispatch += 1;
+        if state.dispatches.len() >= TRACKED_DISPATCHES {
+            state.dispatches.pop_front();
+        }
+        state.dispatches.push_back(Dispatch {
+            seq,
+            cost,
+            remaining: [None; 2],
+        });
         Mark {
             at: Instant::now(),
-            sent: state.sent,
+            seq,
+        }
+    }
+
+    /// The send at `mark` never reached the upstream (its connection was refused).
+    pub fn undispatched(&self, mark: Mark) {
+        let mut state = self.lock();
+        if let Some(index) = state.dispatch_index(mark.seq) {
+            state.dispatches.remove(index);
         }
     }
 
@@ -575,21 +640,18 @@ impl BucketQueue {
             state.gate.learned();
         }
 
-        let since = Cost {
-            requests: state.sent.requests - mark.sent.requests,
-            tokens: state.sent.tokens - mark.sent.tokens,
-        };
         let age = now.saturating_duration_since(mark.at);
+        let own = state.dispatch_index(mark.seq);
         for (resource, view) in &views {
             if let Some(remaining) = view.remaining {
-                state.bucket.observe(
-                    *resource,
-                    view.window,
-                    remaining as f64,
-                    since.of(*resource),
-                    age,
-                    now,
-                );
+                let remaining = remaining as f64;
+                let unseen = state.unseen_since(mark.seq, *resource, remaining);
+                state
+                    .bucket
+                    .observe(*resource, view.window, remaining, unseen, age, now);
+                if let Some(index) = own {
+                    state.dispatches[index].remaining[resource_index(*resource)] = Some(remaining);
+                }
             }
             // The reset tells how big the bucket really is: a quantized limit refills its
             // small slice within a fraction of the minute.
@@ -1292,5 +1354,46 @@ mod tests {
         // The bucket emptied and paces at 10 per second: 100 ms apart, not all at once.
         assert_eq!(at, [1, 2, 3, 4, 5]);
         assert_eq!(queue.status().burst[0], Some(10.0));
+    }
+
+    fn remaining_requests(limit: u64, remaining: u64) -> RateLimitHeaders {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-ratelimit-limit-requests", limit.into());
+        headers.insert("x-ratelimit-remaining-requests", remaining.into());
+        RateLimitHeaders::parse(&headers)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_header_is_corrected_only_for_sends_the_upstream_had_not_counted() {
+        let queue = queue(rpm(120), 0.0, 100);
+        let mut marks = Vec::new();
+        for _ in 0..3 {
+            queue
+                .admit(Cost::request(0), Priority::Interactive, far())
+                .await
+                .expect("admitted");
+            marks.push(queue.dispatched(Cost::request(0)));
+        }
+        let [a, b, c] = [marks[0], marks[1], marks[2]];
+        // The upstream admitted them in the reverse order: c with 119 left, b 118, a 117; the
+        // answers come back in that order too.
+        queue.observe(c, &remaining_requests(120, 119));
+        queue.observe(b, &remaining_requests(120, 118));
+        queue.observe(a, &remaining_requests(120, 117));
+        // a's 117 already counts b and c (their answers showed more left): 117 are left, not
+        // 115.
+        assert_eq!(queue.available(Resource::Requests), Some(117.0));
+
+        // A send whose answer has not come back is not counted by an earlier header.
+        let d = queue.dispatched(Cost::request(0));
+        queue.observe(b, &remaining_requests(120, 118));
+        assert_eq!(queue.available(Resource::Requests), Some(117.0));
+        queue.observe(c, &remaining_requests(120, 116));
+        assert_eq!(
+            queue.available(Resource::Requests),
+            Some(115.0),
+            "116 less d in flight"
+        );
+        queue.undispatched(d);
     }
 }

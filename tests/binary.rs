@@ -292,9 +292,7 @@ async fn every_worker_serves_and_drains_its_connections_on_sigterm() {
         let mut threads: Vec<String> =
             std::fs::read_dir(format!("/proc/{}/task", running.child.id()))
                 .unwrap()
-                .filter_map(|task| {
-                    std::fs::read_to_string(task.ok()?.path().join("comm")).ok()
-                })
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
                 .map(|name| name.trim().to_owned())
                 .filter(|name| name.starts_with("sluice-worker"))
                 .collect();
@@ -329,7 +327,10 @@ async fn every_worker_serves_and_drains_its_connections_on_sigterm() {
     let ended = tokio::task::spawn_blocking(move || running.terminate());
     for stream in streams {
         let text = stream.await.unwrap();
-        assert!(text.ends_with("data: [DONE]\n\n"), "a stream was cut: {text}");
+        assert!(
+            text.ends_with("data: [DONE]\n\n"),
+            "a stream was cut: {text}"
+        );
     }
     let (code, log) = ended.await.unwrap();
     assert_eq!(code, Some(0), "{log}");

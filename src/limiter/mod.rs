@@ -226,6 +226,9 @@ impl Reservation {
     /// (its connection was refused).
     pub fn refund(mut self) {
         self.reached_upstream = false;
+        if let Some(mark) = self.mark.take() {
+            self.queue.undispatched(mark);
+        }
     }
 
     /// Corrects the reservation by `delta` tokens once the actual usage is known: positive is

@@ -14,14 +14,10 @@ KEY_B = "sk-e2e-other-00000000000000000000000"
 
 
 def config(tmp_path, rpm, tpm):
-    """Two orgs with the same limits, one key each. Requests may wait as long as their client
-    allows (120 s): after a burst sent all at once, sluice reads each answer's remaining
-    budget as if the upstream had admitted the burst in the order sluice sent it, so it can
-    hold the queue back for up to the burst's own size (a minute at worst) before it refills."""
+    """Two orgs with the same limits, one key each, and the default queueing (60 s)."""
     path = tmp_path / "sluice.toml"
     path.write_text(
-        "[queue]\nmax_wait_secs = 180\n\n"
-        + "".join(
+        "".join(
             f'[[org]]\nname = "{name}"\nkeys = ["{key}"]\n[org.limits."*"]\nrpm = {rpm}\ntpm = {tpm}\n\n'
             for name, key in (("acme", KEY_A), ("other", KEY_B))
         )
