@@ -135,7 +135,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config))
+    let code = runtime.block_on(serve(config));
+    // Access lines still waiting for their writer thread, before the log's own flush.
+    sluice::access::flush();
+    code
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -27,7 +27,7 @@ use crate::server::{AppState, Live};
 use crate::upstream::body::{BodyEnd, BodyOutcome, ObservedBody, UsageTap};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 use crate::upstream::usage::{request_stream_usage, SseUsage};
-use crate::upstream::{request_headers, response_headers};
+use crate::upstream::{request_headers, response_headers, strip_hop_by_hop};
 
 /// Bodies above this size are estimated on the blocking pool, so tokenizing a large prompt
 /// never stalls the requests sharing this worker thread.
@@ -71,10 +71,12 @@ struct Answer {
 
 impl Answer {
     /// The upstream's response, its body still streaming.
-    fn streaming(response: reqwest::Response) -> Self {
+    fn streaming(mut response: reqwest::Response) -> Self {
+        let mut headers = std::mem::take(response.headers_mut());
+        strip_hop_by_hop(&mut headers);
         Self {
             status: response.status(),
-            headers: response_headers(response.headers()),
+            headers,
             body: reqwest::Body::from(response),
         }
     }

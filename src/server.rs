@@ -93,7 +93,8 @@ pub fn tokenizers() -> Result<Arc<Tokenizers>, StartError> {
 
 impl AppState {
     pub fn new(config: Config) -> Result<Self, StartError> {
-        let upstream = Upstream::new(&config.upstream).map_err(StartError::UpstreamClient)?;
+        let upstream = Upstream::new(&config.upstream, config.server.workers)
+            .map_err(StartError::UpstreamClient)?;
         Ok(Self {
             upstream,
             metrics: Arc::new(Metrics::new()),
@@ -150,7 +151,7 @@ impl AppState {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("could not build the upstream HTTP client: {0}")]
-    UpstreamClient(reqwest::Error),
+    UpstreamClient(crate::upstream::UpstreamError),
     #[error("server failed: {0}")]
     Serve(std::io::Error),
     #[error("cannot listen on {0}: {1} (choose another address with --metrics-listen or SLUICE_METRICS_LISTEN)")]

@@ -20,6 +20,17 @@ use crate::server::{self, AppState, StartError};
 /// Pending connections each socket holds before the kernel refuses more.
 const BACKLOG: u32 = 1024;
 
+thread_local! {
+    /// The worker this thread runs: 0 for the main thread (and any thread that is not a
+    /// worker's), `index` for a worker started by [`spawn`].
+    static CURRENT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The worker the calling thread runs (0 outside workers).
+pub fn current() -> usize {
+    CURRENT.with(std::cell::Cell::get)
+}
+
 /// Binds `count` listening sockets to `addr` (port 0: one free port for all of them). Call
 /// it inside a runtime (the sockets register with it; [`spawn`] moves them to their own).
 ///
@@ -118,6 +129,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("sluice-worker-{index}"))
         .spawn(move || {
+            CURRENT.with(|current| current.set(index));
             let result = serve(listener, state, stop);
             if let Err(err) = &result {
                 tracing::error!(worker = index, "worker failed: {err}");

@@ -10,41 +10,77 @@ use http::{header, HeaderMap, HeaderName, Method};
 
 use crate::config::UpstreamConfig;
 
-/// The one client every request shares, so connections (and HTTP/2 sessions) are pooled.
+/// The upstream HTTP clients: one per worker ([`crate::workers`]), each pooling the
+/// connections (and HTTP/2 sessions) its worker's requests use. A connection's task runs on
+/// the worker that opened it, so a request that used another worker's connection would wake
+/// that worker's thread twice per exchange.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: reqwest::Client,
-    base_url: String,
+    clients: Vec<reqwest::Client>,
+    /// The upstream's origin (and path prefix, if any), parsed once: each request only sets
+    /// its own path and query on a copy.
+    base: reqwest::Url,
+    /// The base's path without its trailing slash ("" for an origin).
+    prefix: String,
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            .pool_idle_timeout(config.pool_idle_timeout)
-            // No small cap: under a burst every in-flight request holds a connection, and
-            // re-handshaking TLS for each would add latency exactly when it hurts.
-            .pool_max_idle_per_host(usize::MAX)
-            .tcp_nodelay(true)
-            .tcp_keepalive(Duration::from_secs(60))
-            // A proxy passes redirects to its client instead of following them.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+    /// Clients for `workers` workers (at least one).
+    pub fn new(config: &UpstreamConfig, workers: usize) -> Result<Self, UpstreamError> {
+        let clients = (0..workers.max(1))
+            .map(|_| client(config))
+            .collect::<Result<_, _>>()?;
+        let base = reqwest::Url::parse(&config.base_url)?;
+        let prefix = base.path().trim_end_matches('/').to_owned();
         Ok(Self {
-            client,
-            base_url: config.base_url.clone(),
+            clients,
+            base,
+            prefix,
         })
     }
 
-    /// Starts a request to the upstream's same path and query. The returned builder carries
-    /// no timeout of its own: connect and read timeouts come from the client.
+    /// Starts a request to the upstream's same path and query, with the calling worker's
+    /// client. The returned builder carries no timeout of its own: connect and read timeouts
+    /// come from the client.
     pub fn request(&self, method: Method, path_and_query: &str) -> reqwest::RequestBuilder {
-        let mut url = String::with_capacity(self.base_url.len() + path_and_query.len());
-        url.push_str(&self.base_url);
-        url.push_str(path_and_query);
-        self.client.request(method, url)
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (path_and_query, None),
+        };
+        let mut url = self.base.clone();
+        if self.prefix.is_empty() {
+            url.set_path(path);
+        } else {
+            url.set_path(&format!("{}{path}", self.prefix));
+        }
+        url.set_query(query);
+        let client = &self.clients[crate::workers::current() % self.clients.len()];
+        client.request(method, url)
     }
+}
+
+/// Why the upstream clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Client(#[from] reqwest::Error),
+    #[error("invalid upstream URL: {0}")]
+    Url(#[from] url::ParseError),
+}
+
+fn client(config: &UpstreamConfig) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .read_timeout(config.read_timeout)
+        .pool_idle_timeout(config.pool_idle_timeout)
+        // No small cap: under a burst every in-flight request holds a connection, and
+        // re-handshaking TLS for each would add latency exactly when it hurts.
+        .pool_max_idle_per_host(usize::MAX)
+        .tcp_nodelay(true)
+        .tcp_keepalive(Duration::from_secs(60))
+        // A proxy passes redirects to its client instead of following them.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
 /// Headers that describe one connection, not the message, and so never cross a proxy
@@ -92,6 +128,19 @@ pub fn request_headers(incoming: &HeaderMap, body_was_read: bool) -> HeaderMap {
     out
 }
 
+/// Removes hop-by-hop headers in place (the upstream's headers, as they go to the client).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name, &listed))
+        .cloned()
+        .collect();
+    for name in hop {
+        headers.remove(name);
+    }
+}
+
 /// The upstream's headers as they go to the client: everything but hop-by-hop headers.
 /// `Content-Length` stays, so a sized upstream body stays sized.
 pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
@@ -116,6 +165,39 @@ mod tests {
             headers.append(*name, HeaderValue::from_static(value));
         }
         headers
+    }
+
+    fn url_of(base: &str, path_and_query: &str) -> String {
+        let overrides = crate::config::Overrides {
+            upstream: Some(base.to_owned()),
+            ..crate::config::Overrides::default()
+        };
+        let config = crate::config::Config::from_overrides(&overrides).expect("valid");
+        let upstream = Upstream::new(&config.upstream, 2).expect("clients");
+        let request = upstream
+            .request(Method::GET, path_and_query)
+            .build()
+            .expect("request");
+        request.url().as_str().to_owned()
+    }
+
+    #[test]
+    fn requests_go_to_the_same_path_and_query_under_the_base() {
+        assert_eq!(
+            url_of("https://api.openai.com", "/v1/models?limit=2&after=a%20b"),
+            "https://api.openai.com/v1/models?limit=2&after=a%20b"
+        );
+        assert_eq!(
+            url_of(
+                "http://127.0.0.1:9/gateway/openai/",
+                "/v1/files/file-1/content"
+            ),
+            "http://127.0.0.1:9/gateway/openai/v1/files/file-1/content"
+        );
+        assert_eq!(
+            url_of("http://127.0.0.1:9", "/v1/chat/completions?"),
+            "http://127.0.0.1:9/v1/chat/completions?"
+        );
     }
 
     #[test]
@@ -168,5 +250,8 @@ mod tests {
         assert!(out.contains_key("content-length"));
         assert!(!out.contains_key("connection"));
         assert!(!out.contains_key("transfer-encoding"));
+        let mut in_place = upstream.clone();
+        strip_hop_by_hop(&mut in_place);
+        assert_eq!(in_place, out);
     }
 }

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The longest duration any parser here returns. Real hints are seconds to a day; anything
 /// beyond this is garbage, and rejecting it keeps every later `Duration`/`Instant` sum far
@@ -395,14 +395,8 @@ pub struct RateLimitHeaders {
     malformed: u32,
 }
 
-/// One header's first value, parsed; a present but unparseable value counts as malformed.
-fn read<T>(
-    headers: &HeaderMap,
-    name: &HeaderName,
-    parse: fn(&str) -> Option<T>,
-    malformed: &mut u32,
-) -> Option<T> {
-    let value = headers.get(name)?;
+/// A header's value, parsed; a present but unparseable value counts as malformed.
+fn read<T>(value: &HeaderValue, parse: fn(&str) -> Option<T>, malformed: &mut u32) -> Option<T> {
     let parsed = value.to_str().ok().map(str::trim).and_then(parse);
     if parsed.is_none() {
         *malformed = malformed.saturating_add(1);
@@ -431,13 +425,34 @@ impl RateLimitHeaders {
     /// window and counted in [`malformed`](Self::malformed).
     pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
         let mut out = RateLimitHeaders::default();
-        for resource in Resource::ALL {
-            let [limit, remaining, reset] = resource.header_names();
-            let window = &mut out.windows[resource.index()];
-            let malformed = &mut out.malformed;
-            window.limit = read(headers, limit, parse_count, malformed);
-            window.remaining = read(headers, remaining, parse_remaining, malformed);
-            window.reset = read(headers, reset, parse_go_duration, malformed);
+        // One pass over the response's headers, matching names rather than looking up each
+        // of the 18 (a lookup hashes the name; most responses carry six of them).
+        let mut seen = 0u32;
+        for (name, value) in headers {
+            if !name.as_str().starts_with("x-ratelimit-") {
+                continue;
+            }
+            for resource in Resource::ALL {
+                let Some(field) = resource
+                    .header_names()
+                    .iter()
+                    .position(|known| *known == name)
+                else {
+                    continue;
+                };
+                let bit = 1 << (resource.index() * 3 + field);
+                if seen & bit == 0 {
+                    seen |= bit;
+                    let window = &mut out.windows[resource.index()];
+                    let malformed = &mut out.malformed;
+                    match field {
+                        0 => window.limit = read(value, parse_count, malformed),
+                        1 => window.remaining = read(value, parse_remaining, malformed),
+                        _ => window.reset = read(value, parse_go_duration, malformed),
+                    }
+                }
+                break;
+            }
         }
         out
     }
@@ -861,6 +876,23 @@ mod tests {
                 "{resource:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_repeated_header_counts_once_by_its_first_value() {
+        let map = headers(&[
+            ("x-ratelimit-remaining-requests", b"7"),
+            ("x-ratelimit-remaining-requests", b"not a number"),
+            ("x-ratelimit-limit-requests", b"oops"),
+            ("x-ratelimit-limit-requests", b"60"),
+            ("x-ratelimit-unknown", b"1"),
+        ]);
+        let parsed = RateLimitHeaders::parse(&map);
+        let window = parsed.get(Resource::Requests).expect("requests");
+        assert_eq!(window.remaining, Some(7));
+        // The first value is the one read, malformed or not; later ones are ignored.
+        assert_eq!(window.limit, None);
+        assert_eq!(parsed.malformed(), 1);
     }
 
     #[test]
