@@ -703,8 +703,12 @@ impl BucketQueue {
         if let Some(probe) = rate_limited.probe {
             state.gate.finish_probe(probe, ProbeOutcome::RateLimited);
         }
-        if let Some(resource) = rate_limited.burst {
-            state.bucket.burst_refused(resource, now);
+        match rate_limited.burst {
+            Some(resource) => state.bucket.burst_refused(resource, now),
+            // Refused although sluice's own account had room, and not for a burst: someone
+            // else spends this budget.
+            None if rate_limited.reason != "slow_down" => state.bucket.contended(now),
+            None => {}
         }
         // Whoever waited on a probe looks again (and finds the pause).
         state.wake_head();
@@ -728,9 +732,11 @@ impl BucketQueue {
     }
 
     /// Waits, holding the request's reservation, until the bucket may send it again: after
-    /// the pause and before anything new. Returns the gate's probe if this re-send is one, or
-    /// the remaining wait when it cannot go before `deadline`.
-    pub async fn replay(&self, deadline: Instant) -> Result<Option<Probe>, Duration> {
+    /// the pause, before anything new, and once the bucket has `again` for it (the upstream
+    /// counted the refused attempt, so sending it again spends once more: several refused
+    /// requests go again at the refill rate, not all at once). Returns the gate's probe if
+    /// this re-send is one, or the remaining wait when it cannot go before `deadline`.
+    pub async fn replay(&self, again: Cost, deadline: Instant) -> Result<Option<Probe>, Duration> {
         self.lock().gate.add_replay();
         let _replay = ReplayGuard { queue: self };
         loop {
@@ -738,10 +744,17 @@ impl BucketQueue {
             let until = {
                 let mut state = self.lock();
                 match state.gate.check(true, now) {
-                    Pass::Go(probe) => {
-                        state.gate.claim(probe, now);
-                        return Ok(probe);
-                    }
+                    Pass::Go(probe) => match state.bucket.take_as_proof(again, 0.0, now) {
+                        // Limits that shrank below the request do not strand it mid-replay.
+                        Ok(()) | Err(Shortfall::Never(_) | Shortfall::Unproven { .. }) => {
+                            state.gate.claim(probe, now);
+                            return Ok(probe);
+                        }
+                        Err(Shortfall::Wait { wait, .. }) if now + wait > deadline => {
+                            return Err(wait);
+                        }
+                        Err(Shortfall::Wait { wait, .. }) => now + wait,
+                    },
                     Pass::Until(until) if until > deadline => {
                         return Err(until.saturating_duration_since(now));
                     }
@@ -1395,5 +1408,45 @@ mod tests {
             "116 less d in flight"
         );
         queue.undispatched(d);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_requests_go_again_one_refill_apart_not_all_at_once() {
+        let queue = queue(rpm(60), 0.0, 100); // 1 per second
+        let start = Instant::now();
+        for _ in 0..60 {
+            queue
+                .admit(Cost::request(0), Priority::Interactive, far())
+                .await
+                .expect("the whole minute at once");
+        }
+        // Three in flight are refused: pause a second (slow_down: no contention evidence).
+        queue.rate_limited(RateLimited {
+            resume: start + Duration::from_secs(1),
+            reset: start + Duration::from_secs(1),
+            burst: None,
+            probe: None,
+            reason: "slow_down",
+        });
+        let replays: Vec<_> = (0..3)
+            .map(|_| {
+                let queue = Arc::clone(&queue);
+                tokio::spawn(async move {
+                    let again = Cost {
+                        requests: 1,
+                        tokens: 0,
+                    };
+                    queue.replay(again, far()).await.expect("in time");
+                    start.elapsed().as_millis() as u64 / 100
+                })
+            })
+            .collect();
+        let mut at = Vec::new();
+        for replay in replays {
+            at.push(replay.await.expect("task"));
+        }
+        at.sort_unstable();
+        // Each refused attempt was counted upstream: each re-send waits for its own refill.
+        assert_eq!(at, [10, 20, 30]);
     }
 }

@@ -31,6 +31,10 @@ pub const BURST_RETRY: Duration = Duration::from_secs(60);
 /// The slice of a minute a per-minute limit may be enforced in (PROTOCOL §1: 60 000 RPM as
 /// 1 000 per second): that much of a burst is assumed to be there without proof.
 pub const QUANTUM: Duration = Duration::from_secs(1);
+/// The most refill an unexpected 429 makes a bucket keep in hand (see [`Bucket::contended`]).
+pub const MAX_CONTENTION: Duration = Duration::from_secs(5);
+/// How long the extra margin of [`Bucket::contended`] holds before it halves.
+pub const CONTENTION_DECAY: Duration = Duration::from_secs(60);
 /// 429s this close together come from one overshoot and count as one piece of evidence.
 const EVIDENCE_COALESCE: Duration = Duration::from_millis(200);
 
@@ -243,6 +247,12 @@ pub struct Bucket {
     margin: f64,
     /// When a shrink last happened: several 429s of one burst are one piece of evidence.
     shrunk_at: Option<Instant>,
+    /// Extra seconds of refill kept in hand because the upstream refused requests this
+    /// bucket had room for: someone else spends the same budget ([`Bucket::contended`]).
+    contention: f64,
+    /// When `contention` next halves, and when it last grew.
+    contention_decays_at: Option<Instant>,
+    contended_at: Option<Instant>,
 }
 
 impl Bucket {
@@ -276,7 +286,39 @@ impl Bucket {
             updated: now,
             margin: 0.0,
             shrunk_at: None,
+            contention: 0.0,
+            contention_decays_at: None,
+            contended_at: None,
         }
+    }
+
+    /// Seconds of refill every admission leaves unused: the margin, plus what contention
+    /// added.
+    fn in_hand(&self) -> f64 {
+        self.margin + self.contention
+    }
+
+    /// The upstream refused a request this bucket had room for, and not for a burst: another
+    /// client spends the same budget unseen. The bucket keeps more refill in hand (at least
+    /// a second's worth, doubling per refusal up to [`MAX_CONTENTION`]), so that client's
+    /// spending no longer turns sluice's next requests into 429s; without new refusals the
+    /// extra halves every [`CONTENTION_DECAY`]. The 429s of one overshoot count once.
+    pub fn contended(&mut self, now: Instant) {
+        if self
+            .contended_at
+            .is_some_and(|at| now.saturating_duration_since(at) < EVIDENCE_COALESCE)
+        {
+            return;
+        }
+        self.refill(now);
+        self.contended_at = Some(now);
+        self.contention = (self.contention * 2.0).clamp(1.0, MAX_CONTENTION.as_secs_f64());
+        self.contention_decays_at = Some(now + CONTENTION_DECAY);
+    }
+
+    /// The extra refill kept in hand for contention, in seconds.
+    pub fn contention(&self) -> f64 {
+        self.contention
     }
 
     /// Whether any limit is set.
@@ -285,6 +327,15 @@ impl Bucket {
     }
 
     fn refill(&mut self, now: Instant) {
+        while let Some(at) = self.contention_decays_at.filter(|at| *at <= now) {
+            self.contention /= 2.0;
+            if self.contention < 0.1 {
+                self.contention = 0.0;
+                self.contention_decays_at = None;
+            } else {
+                self.contention_decays_at = Some(at + CONTENTION_DECAY);
+            }
+        }
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         if elapsed > 0.0 {
             for meter in &mut self.meters {
@@ -363,7 +414,7 @@ impl Bucket {
             let needed = meter.needed(cost.of(meter.resource));
             // A request bigger than the unreserved share may still use the reserve (and the
             // margin): otherwise it could never run at all. It waits for a full burst instead.
-            let floor = (meter.floor(keep) + meter.rate * self.margin).min(meter.burst - needed);
+            let floor = (meter.floor(keep) + meter.rate * self.in_hand()).min(meter.burst - needed);
             let seconds = meter.seconds_until(needed, floor);
             if seconds > 0.0 && longest.is_none_or(|(s, _)| seconds > s) {
                 longest = Some((seconds, meter.resource));
@@ -387,7 +438,7 @@ impl Bucket {
             .meters
             .iter()
             .map(|meter| {
-                let floor = meter.floor(keep) + meter.rate * self.margin;
+                let floor = meter.floor(keep) + meter.rate * self.in_hand();
                 meter.seconds_until(cost.of(meter.resource), floor)
             })
             .fold(0.0, f64::max);
@@ -963,5 +1014,40 @@ mod tests {
         tokens
             .take_as_proof(Cost::request(4_000), 0.0, t0)
             .expect("proof");
+    }
+
+    #[test]
+    fn refusals_it_had_room_for_make_a_bucket_keep_more_in_hand_for_a_while() {
+        let t0 = Instant::now();
+        let mut bucket = proven(&rpm(120), t0); // 2 per second
+        bucket.contended(t0);
+        // A second's worth (2 requests) stays in hand: 118 of 120 go at once.
+        for _ in 0..118 {
+            bucket
+                .try_take(Cost::request(0), 0.0, t0)
+                .expect("above the floor");
+        }
+        assert!(matches!(
+            bucket.try_take(Cost::request(0), 0.0, t0),
+            Err(Shortfall::Wait { .. })
+        ));
+        // One overshoot's 429s count once; the next refusal doubles it.
+        bucket.contended(t0 + Duration::from_millis(50));
+        assert_eq!(bucket.contention(), 1.0);
+        bucket.contended(t0 + Duration::from_secs(1));
+        assert_eq!(bucket.contention(), 2.0);
+        for _ in 0..5 {
+            bucket.contended(t0 + Duration::from_secs(10));
+            bucket.contended(t0 + Duration::from_secs(11));
+        }
+        assert_eq!(bucket.contention(), MAX_CONTENTION.as_secs_f64());
+        // Quiet for a decay period: it halves; after enough of them it is gone.
+        let _ = bucket.available(
+            Resource::Requests,
+            t0 + Duration::from_secs(11) + CONTENTION_DECAY,
+        );
+        assert_eq!(bucket.contention(), MAX_CONTENTION.as_secs_f64() / 2.0);
+        let _ = bucket.available(Resource::Requests, t0 + CONTENTION_DECAY * 10);
+        assert_eq!(bucket.contention(), 0.0);
     }
 }

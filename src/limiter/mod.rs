@@ -213,10 +213,16 @@ impl Reservation {
     }
 
     /// Waits, keeping the budget and the head of the line, until the request may be sent
-    /// again; `Err` with the remaining wait when that is after `deadline`.
+    /// again (spending one more request of the bucket: the refused attempt counted);
+    /// `Err` with the remaining wait when that is after `deadline`.
     pub async fn replay(&mut self, deadline: Instant) -> Result<(), Duration> {
         let started = Instant::now();
-        let result = self.queue.replay(deadline).await;
+        // The refused attempt was counted as a request, not for its tokens (PROTOCOL §1).
+        let again = Cost {
+            requests: self.cost.requests,
+            tokens: 0,
+        };
+        let result = self.queue.replay(again, deadline).await;
         self.waited += started.elapsed();
         self.probe = result?;
         Ok(())
