@@ -321,6 +321,10 @@ mod deferred {
 
     static QUEUE: OnceLock<Option<&'static Queue>> = OnceLock::new();
 
+    /// Lines waiting beyond this are formatted by their own request's thread instead
+    /// (backpressure, as the log writer has): the queue never grows without bound.
+    const MAX_PENDING: usize = 64 * 1024;
+
     fn lock(queue: &Queue) -> MutexGuard<'_, Vec<Line>> {
         queue.lines.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -370,6 +374,11 @@ mod deferred {
             return;
         };
         let mut lines = lock(queue);
+        if lines.len() >= MAX_PENDING {
+            drop(lines);
+            line.emit();
+            return;
+        }
         let first = lines.is_empty();
         lines.push(line);
         drop(lines);

@@ -22,6 +22,7 @@ use crate::estimate::{estimate, Estimate};
 use crate::limiter::bucket::{Cost, Resource};
 use crate::limiter::{settlement, Charged, Reservation};
 use crate::org::Identity;
+use crate::queue::Evidence;
 use crate::retry::{self, Class, ErrorBody, Limited as LimitedResource};
 use crate::server::{AppState, Live};
 use crate::upstream::body::{BodyEnd, BodyOutcome, ObservedBody, UsageTap};
@@ -492,10 +493,18 @@ impl Exchange<'_> {
         // MAX_CIRCUIT_OPEN past the hint.
         let reset = now + announced_reset(class, limits).clamp(hint, hint + MAX_CIRCUIT_OPEN);
         let cost = admitted.reservation.cost();
-        let burst = burst_evidence(class, limits, error.parsed.as_ref(), cost);
+        let evidence = match (
+            burst_evidence(class, limits, error.parsed.as_ref(), cost),
+            class,
+        ) {
+            (Some(resource), _) => Evidence::Burst(resource),
+            // sluice admitted it, so its own account had room: someone else spent it.
+            (None, Class::RateLimited(_)) => Evidence::Contention,
+            (None, _) => Evidence::Nothing,
+        };
         let opened = admitted
             .reservation
-            .rate_limited(resume, reset, burst, class.label());
+            .rate_limited(resume, reset, evidence, class.label());
         tracing::info!(
             org = %self.org,
             reason = class.label(),

@@ -691,9 +691,9 @@ impl BucketQueue {
     }
 
     /// The upstream answered 429 for a request of this bucket: nothing is sent before
-    /// `resume`; after enough consecutive 429s the circuit opens until `reset`. `burst` names
-    /// the resource whose burst proved smaller than assumed (the upstream refused although
-    /// its per-minute budget had room). Returns whether the circuit opened.
+    /// `resume`; after enough consecutive 429s the circuit opens until `reset`. Its
+    /// [`Evidence`] shrinks the burst or keeps more refill in hand. Returns whether the
+    /// circuit opened.
     pub fn rate_limited(&self, rate_limited: RateLimited) -> bool {
         let now = Instant::now();
         let mut state = self.lock();
@@ -703,12 +703,10 @@ impl BucketQueue {
         if let Some(probe) = rate_limited.probe {
             state.gate.finish_probe(probe, ProbeOutcome::RateLimited);
         }
-        match rate_limited.burst {
-            Some(resource) => state.bucket.burst_refused(resource, now),
-            // Refused although sluice's own account had room, and not for a burst: someone
-            // else spends this budget.
-            None if rate_limited.reason != "slow_down" => state.bucket.contended(now),
-            None => {}
+        match rate_limited.evidence {
+            Evidence::Burst(resource) => state.bucket.burst_refused(resource, now),
+            Evidence::Contention => state.bucket.contended(now),
+            Evidence::Nothing => {}
         }
         // Whoever waited on a probe looks again (and finds the pause).
         state.wake_head();
@@ -811,12 +809,25 @@ impl BucketQueue {
     }
 }
 
+/// What an upstream rate-limit 429 shows about the bucket's budget, beyond its pause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    /// The upstream refused although its per-minute figures had room for the request: its
+    /// burst of this resource is smaller than the bucket's (a quantized limit).
+    Burst(Resource),
+    /// The upstream refused a request the bucket had room for, not for a burst: another
+    /// client spends the same budget.
+    Contention,
+    /// Nothing beyond the pause (`slow_down`).
+    Nothing,
+}
+
 /// What an upstream 429 does to a bucket (see [`BucketQueue::rate_limited`]).
 #[derive(Clone, Copy, Debug)]
 pub struct RateLimited {
     pub resume: Instant,
     pub reset: Instant,
-    pub burst: Option<Resource>,
+    pub evidence: Evidence,
     pub probe: Option<Probe>,
     pub reason: &'static str,
 }
@@ -1355,7 +1366,7 @@ mod tests {
         queue.rate_limited(RateLimited {
             resume,
             reset: resume,
-            burst: Some(Resource::Requests),
+            evidence: Evidence::Burst(Resource::Requests),
             probe: Some(Probe::Burst),
             reason: "requests",
         });
@@ -1424,7 +1435,7 @@ mod tests {
         queue.rate_limited(RateLimited {
             resume: start + Duration::from_secs(1),
             reset: start + Duration::from_secs(1),
-            burst: None,
+            evidence: Evidence::Nothing,
             probe: None,
             reason: "slow_down",
         });

@@ -12,12 +12,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
+#[cfg(unix)]
+use tokio::net::TcpSocket;
 use tokio::sync::{oneshot, watch};
 
 use crate::server::{self, AppState, StartError};
 
 /// Pending connections each socket holds before the kernel refuses more.
+#[cfg(unix)]
 const BACKLOG: u32 = 1024;
 
 thread_local! {
@@ -42,13 +45,14 @@ pub fn current() -> usize {
 /// sluice runs one worker.
 pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
     let probe = std::net::TcpListener::bind(addr)?;
-    if count <= 1 || cfg!(not(unix)) {
-        probe.set_nonblocking(true)?;
-        return Ok(vec![TcpListener::from_std(probe)?]);
+    #[cfg(unix)]
+    if count > 1 {
+        let addr = probe.local_addr()?;
+        drop(probe);
+        return (0..count).map(|_| bind_shared(addr)).collect();
     }
-    let addr = probe.local_addr()?;
-    drop(probe);
-    (0..count).map(|_| bind_shared(addr)).collect()
+    probe.set_nonblocking(true)?;
+    Ok(vec![TcpListener::from_std(probe)?])
 }
 
 #[cfg(unix)]
@@ -61,11 +65,6 @@ fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
-}
-
-#[cfg(not(unix))]
-fn bind_shared(_addr: SocketAddr) -> io::Result<TcpListener> {
-    unreachable!("bind returns a single socket without SO_REUSEPORT")
 }
 
 /// Tells every worker to stop accepting and drain.

@@ -16,9 +16,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::{Accounting, QueueConfig};
-use crate::queue::{BucketQueue, Mark, Priority, QueueBounds, RateLimited, Rejection};
+use crate::queue::{BucketQueue, Evidence, Mark, Priority, QueueBounds, RateLimited, Rejection};
 use crate::upstream::ratelimit::RateLimitHeaders;
-use bucket::{Cost, Limits, Resource};
+use bucket::{Cost, Limits};
 use gate::Probe;
 
 /// Buckets sluice keeps at most. Org and model names come from requests (keys, model
@@ -200,13 +200,13 @@ impl Reservation {
         &mut self,
         resume: Instant,
         reset: Instant,
-        burst: Option<Resource>,
+        evidence: Evidence,
         reason: &'static str,
     ) -> bool {
         self.queue.rate_limited(RateLimited {
             resume,
             reset,
-            burst,
+            evidence,
             probe: self.probe.take(),
             reason,
         })
@@ -298,6 +298,7 @@ pub fn settlement(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bucket::Resource;
     use std::time::Duration;
 
     #[test]
