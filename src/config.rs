@@ -1076,7 +1076,7 @@ pub fn hex_prefix(hash: &[u8; 32]) -> String {
 
 /// Accepts `scheme://host[:port][/prefix]`; returns it without a trailing slash.
 fn validate_upstream_url(text: &str) -> Result<String, String> {
-    let url = reqwest::Url::parse(text).map_err(|err| {
+    let url = url::Url::parse(text).map_err(|err| {
         format!("{text:?} is not a URL ({err}); for example \"https://api.openai.com\"")
     })?;
     if !matches!(url.scheme(), "http" | "https") {

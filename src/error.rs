@@ -3,7 +3,8 @@
 //! Every failure sluice itself produces reaches the client as
 //! `{"error": {"message", "type", "param", "code"}}`, so the official SDKs raise the usual
 //! exception classes. Internal details (the upstream's error chain) go to the log, never to
-//! the client, and never carry a key: the upstream URL is the only request detail in them.
+//! the client, and never carry a key: they name no request detail beyond the upstream's
+//! address.
 
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use http::{header, HeaderValue, StatusCode};
 use crate::estimate::EstimateError;
 use crate::limiter::bucket::Resource;
 use crate::queue::Rejection;
+use crate::upstream::{SendError, SendFailure};
 
 /// Whose fault a failure was: drives logging level and, later, whether a retry is safe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,16 +55,15 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Classifies a transport error from the upstream client. Only the error's own text is
-    /// kept: reqwest's display names the URL (origin and path), never a header.
-    pub fn from_upstream(err: &reqwest::Error) -> Self {
-        let detail = error_chain(err);
-        if err.is_timeout() {
-            Self::UpstreamTimeout(detail)
-        } else if err.is_connect() {
-            Self::UpstreamUnreachable(detail)
-        } else {
-            Self::UpstreamFailed(detail)
+    /// A request the upstream did not answer, by why.
+    pub fn from_upstream(err: SendError) -> Self {
+        match err.kind {
+            SendFailure::Timeout => Self::UpstreamTimeout(err.detail),
+            // No connection in time is an unreachable upstream, not a slow answer.
+            SendFailure::ConnectTimeout | SendFailure::Unreachable => {
+                Self::UpstreamUnreachable(err.detail)
+            }
+            SendFailure::Failed => Self::UpstreamFailed(err.detail),
         }
     }
 
@@ -166,12 +167,12 @@ impl ProxyError {
             Self::BodyRead(_) => "sluice could not read the request body (the client closed \
                  the connection or sent a malformed body). Retry the request."
                 .to_owned(),
-            Self::UpstreamUnreachable(_) => "sluice could not connect to the upstream API. \
+            Self::UpstreamUnreachable(_) => "sluice could not connect to the upstream API \
+                 (refused, unresolvable, or no answer within upstream.connect_timeout_secs). \
                  Check the upstream URL in sluice's config and the network, then retry."
                 .to_owned(),
             Self::UpstreamTimeout(_) => "The upstream API did not answer within sluice's \
-                 upstream timeout. Retry, or raise upstream.read_timeout_secs / \
-                 upstream.connect_timeout_secs in the sluice config."
+                 upstream.read_timeout_secs. Retry, or raise it in the sluice config."
                 .to_owned(),
             Self::UpstreamFailed(_) => "The connection to the upstream API failed before a \
                  response arrived. Retry the request."
@@ -304,9 +305,9 @@ pub fn error_response(status: StatusCode, message: &str, kind: &str, code: &str)
     response
 }
 
-/// The error and its sources on one line: reqwest's top-level message alone ("error sending
-/// request") hides the cause an operator needs ("connection refused").
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+/// The error and its sources on one line: a client's top-level message alone ("client error
+/// (Connect)") hides the cause an operator needs ("Connection refused").
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

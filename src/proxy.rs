@@ -10,8 +10,9 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http::uri::PathAndQuery;
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::access::AccessRecord;
@@ -28,7 +29,7 @@ use crate::server::{AppState, Live};
 use crate::upstream::body::{BodyEnd, BodyOutcome, ObservedBody, UsageTap};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 use crate::upstream::usage::{request_stream_usage, SseUsage};
-use crate::upstream::{request_headers, response_headers, strip_hop_by_hop};
+use crate::upstream::{request_headers, strip_hop_by_hop, SendError, TimedBody};
 
 /// Bodies above this size are estimated on the blocking pool, so tokenizing a large prompt
 /// never stalls the requests sharing this worker thread.
@@ -67,18 +68,18 @@ struct Admission {
 struct Answer {
     status: StatusCode,
     headers: HeaderMap,
-    body: reqwest::Body,
+    body: Either<TimedBody, Full<Bytes>>,
 }
 
 impl Answer {
     /// The upstream's response, its body still streaming.
-    fn streaming(mut response: reqwest::Response) -> Self {
-        let mut headers = std::mem::take(response.headers_mut());
-        strip_hop_by_hop(&mut headers);
+    fn streaming(response: http::Response<TimedBody>) -> Self {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
         Self {
-            status: response.status(),
-            headers,
-            body: reqwest::Body::from(response),
+            status: parts.status,
+            headers: parts.headers,
+            body: Either::Left(body),
         }
     }
 
@@ -86,7 +87,7 @@ impl Answer {
         Self {
             status,
             headers,
-            body: reqwest::Body::from(body),
+            body: Either::Right(Full::new(body)),
         }
     }
 }
@@ -190,7 +191,12 @@ async fn forward(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = state
+        .upstream
+        .uri(&path_and_query)
+        .map_err(|err| ProxyError::Internal(format!("no upstream URL for the request: {err}")))?;
     let read_whole = matches!(body, RequestBody::Read(_));
     let mut headers = request_headers(&parts.headers, read_whole);
     if let Some(key) = &identity.upstream_key {
@@ -208,7 +214,7 @@ async fn forward(
         config: &live.config,
         org: &identity.org,
         method: parts.method,
-        path_and_query,
+        uri,
         headers,
         body: Some(body),
         deadline,
@@ -229,7 +235,8 @@ struct Exchange<'a> {
     config: &'a Config,
     org: &'a Arc<str>,
     method: Method,
-    path_and_query: &'a str,
+    /// The upstream's URL for the request's path and query.
+    uri: Uri,
     headers: HeaderMap,
     /// `None` once a streamed body has been sent (it cannot be sent again).
     body: Option<RequestBody>,
@@ -260,7 +267,7 @@ impl Exchange<'_> {
                     // No response came back: the connection was refused, or it failed before
                     // the upstream answered. Nothing reached the client yet, so it may go again;
                     // a timeout is not retried (the upstream may still be working on it).
-                    if err.is_connect() || (err.is_request() && !err.is_timeout()) {
+                    if err.retriable() {
                         if let Some(wait) = self.retry_wait(None) {
                             record.retried("connection");
                             tracing::info!(
@@ -274,12 +281,12 @@ impl Exchange<'_> {
                         }
                     }
                     // A refused connection never reached the upstream: give the budget back.
-                    if err.is_connect() {
+                    if err.unsent() {
                         if let Some(admitted) = admission.take() {
                             admitted.reservation.refund();
                         }
                     }
-                    return Err(ProxyError::from_upstream(&err));
+                    return Err(ProxyError::from_upstream(err));
                 }
             };
             record.upstream_headers();
@@ -391,30 +398,26 @@ impl Exchange<'_> {
         &mut self,
         admission: &mut Option<Admission>,
         record: &mut AccessRecord,
-    ) -> Result<reqwest::Response, reqwest::Error> {
+    ) -> Result<http::Response<TimedBody>, SendError> {
         self.attempt += 1;
         let body = match self.body.take() {
             Some(RequestBody::Read(bytes)) => {
                 self.body = Some(RequestBody::Read(bytes.clone()));
-                reqwest::Body::from(bytes)
+                Body::from(bytes)
             }
-            Some(RequestBody::Streaming(body)) => {
-                reqwest::Body::wrap_stream(body.into_data_stream())
-            }
-            None => reqwest::Body::from(Bytes::new()),
+            Some(RequestBody::Streaming(body)) => body,
+            None => Body::empty(),
         };
         let headers = if self.resendable() {
             self.headers.clone()
         } else {
             std::mem::take(&mut self.headers)
         };
-        let pending = self
-            .state
-            .upstream
-            .request(self.method.clone(), self.path_and_query)
-            .headers(headers)
-            .body(body)
-            .send();
+        let mut request = http::Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = headers;
+        let pending = self.state.upstream.send(request);
         record.upstream_sent();
         // From here the provider may count the request, even if the client goes away
         // meanwhile (dropping this future, and the upstream request with it).
@@ -597,13 +600,12 @@ fn burst_evidence(
 }
 
 /// Reads an upstream error response whole (bounded) to classify it.
-async fn read_error(response: reqwest::Response) -> UpstreamError {
-    let status = response.status();
-    let headers = response_headers(response.headers());
-    let body = match Limited::new(reqwest::Body::from(response), MAX_ERROR_BODY)
-        .collect()
-        .await
-    {
+async fn read_error(response: http::Response<TimedBody>) -> UpstreamError {
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let body = match Limited::new(body, MAX_ERROR_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(err) => {
             tracing::debug!(error = %err, "could not read the upstream's error body");

@@ -183,6 +183,53 @@ async fn sse_chunks_arrive_incrementally() {
     sluice.stop().await;
 }
 
+/// Streams a chat completion of `tokens` chunks `chunk_delay` apart through sluice with the
+/// given read timeout; returns the text the client received.
+async fn stream_through(chunk_delay: Duration, tokens: u32, read_timeout_secs: f64) -> String {
+    let mock = mock_with(MockConfig {
+        chunk_delay,
+        completion_tokens: tokens,
+        ..MockConfig::default()
+    })
+    .await;
+    let sluice = Sluice::start_with(
+        &mock.url(),
+        &format!("[upstream]\nread_timeout_secs = {read_timeout_secs}\n"),
+    )
+    .await;
+    let mut body = chat_body(true);
+    body["max_tokens"] = serde_json::json!(tokens);
+    let response = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("response head");
+    assert_eq!(response.status(), 200);
+    let text = String::from_utf8(response.bytes().await.expect("body").to_vec()).expect("utf-8");
+    sluice.stop().await;
+    text
+}
+
+#[tokio::test]
+async fn the_read_timeout_applies_between_reads_not_to_the_whole_stream() {
+    // 15 chunks 60 ms apart: about a second in all, twice the read timeout.
+    let text = stream_through(Duration::from_millis(60), 15, 0.5).await;
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("upstream_stream_broken"), "{text}");
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_past_the_read_timeout_ends_with_an_error_event() {
+    let text = stream_through(Duration::from_millis(1_500), 3, 0.5).await;
+    assert!(
+        text.contains("\"code\":\"upstream_stream_broken\""),
+        "{text}"
+    );
+    assert!(!text.contains("[DONE]"), "{text}");
+}
+
 #[tokio::test]
 async fn uploads_stream_through_without_buffering() {
     let mock = mock().await;
@@ -379,6 +426,47 @@ async fn unreachable_upstream_is_a_502() {
     let error = assert_sluice_error(&response.bytes().await.unwrap());
     assert_eq!(error["code"], "upstream_unreachable");
     sluice.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_accepts_is_a_502_after_the_connect_timeout() {
+    // A listener whose accept queue is full: the kernel drops further SYNs, so connecting
+    // neither succeeds nor fails until the connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            held.push(stream);
+        }
+    }
+    let sluice = Sluice::start_with(
+        &format!("http://{addr}"),
+        "[upstream]\nconnect_timeout_secs = 0.2\n[retry]\nmax_attempts = 1\n",
+    )
+    .await;
+    let response = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat_body(false))
+        .send()
+        .await
+        .expect("response");
+    let status = response.status();
+    let error = assert_sluice_error(&response.bytes().await.expect("body"));
+    assert_eq!(status, 502, "{error}");
+    assert_eq!(error["code"], "upstream_unreachable");
+    sluice.stop().await;
+    drop((held, listener));
 }
 
 #[tokio::test]

@@ -3,14 +3,89 @@
 //! where a streamed exchange is settled and recorded, since its handler returned long before.
 //! On the way it can read the usage the upstream reports, from a JSON body or an SSE stream.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::endpoint::Endpoint;
 use crate::upstream::usage::{usage_from_json, SseUsage, Usage};
+
+/// An upstream response body that fails when the upstream sends nothing for a read timeout.
+/// The timer exists only while the body waits: a body whose bytes are already there (most
+/// JSON answers) never sets one.
+pub struct TimedBody {
+    inner: Incoming,
+    timeout: Duration,
+    /// Armed on the first wait, re-armed on the first wait after each frame.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A frame arrived since the timer was last armed.
+    progressed: bool,
+}
+
+impl TimedBody {
+    pub fn new(inner: Incoming, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            timer: None,
+            progressed: false,
+        }
+    }
+}
+
+/// The upstream sent no body bytes within the read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?} (upstream.read_timeout_secs)")]
+pub struct ReadTimeout(Duration);
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.progressed = true;
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if this.progressed {
+                            timer.as_mut().reset(Instant::now() + timeout);
+                        }
+                        timer
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(timeout))),
+                };
+                this.progressed = false;
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(ReadTimeout(this.timeout).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// JSON bodies larger than this are not kept for usage extraction: the reservation then stays
 /// at its estimate. Chat and completion responses are a few KiB; only huge embedding batches
