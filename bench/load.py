@@ -6,15 +6,18 @@ in front of the same mock as the pure-proxy reference, then drives each with wrk
 completion requests at 50 connections (throughput) and at 1 connection (added latency).
 Everything targets 127.0.0.1, and every run is bounded by --duration.
 
-    python3 bench/load.py [--duration 8] [--rounds 3] [--skip-build] [--sluice-arg=--config=FILE ...]
-                          [--scrape-interval 1]
+    python3 bench/load.py [--duration 8] [--rounds 3] [--latency-duration 4] [--latency-rounds 7]
+                          [--skip-build] [--sluice-arg=--config=FILE ...] [--scrape-interval 1]
 
 With --scrape-interval, sluice is measured a second time in each round while a scraper
 fetches its /metrics every that many seconds (as Prometheus would), to show what scraping
 costs the requests.
 
-The targets are measured in turn, round after round, and each figure is the median over the
-rounds: on a shared 2-core machine a single run can be off by 30%.
+Throughput is measured first, the targets in turn, round after round; then latency, in
+shorter runs, interleaved the same way with the order rotated each round. Each figure is the
+median over the rounds, and the added latency of a proxy is the median of its per-round
+differences with the mock measured in the same round: on a shared 2-core machine a single
+run can be off by 30%, and slow drifts of the host would otherwise land on one target.
 
 Needs wrk and nginx (installed with apt-get when missing, as root).
 """
@@ -175,8 +178,10 @@ def median_run(runs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per throughput run (50 connections)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds; medians are reported")
+    parser.add_argument("--latency-duration", type=int, default=4, help="seconds per latency run (1 connection)")
+    parser.add_argument("--latency-rounds", type=int, default=7, help="interleaved latency rounds")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--sluice-arg", action="append", default=[], help="extra argument for sluice")
     parser.add_argument("--scrape-interval", type=float, default=None,
@@ -211,33 +216,51 @@ def main():
             wrk(addr, 50, 2)
         runs = {name: {"c50": [], "c1": []} for name in targets}
         scrape_bytes = 0
-        for _ in range(args.rounds):
-            for name, addr in targets.items():
-                if name == scraped:
-                    with Scraper(addr, args.scrape_interval) as scraper:
-                        runs[name]["c50"].append(wrk(addr, 50, args.duration))
-                        runs[name]["c1"].append(wrk(addr, 1, args.duration))
-                    scrape_bytes = scraper.bytes
-                else:
-                    runs[name]["c50"].append(wrk(addr, 50, args.duration))
-                    runs[name]["c1"].append(wrk(addr, 1, args.duration))
+        names = list(targets)
+
+        def measure(name, load, connections, duration):
+            nonlocal scrape_bytes
+            addr = targets[name]
+            if name == scraped:
+                with Scraper(addr, args.scrape_interval) as scraper:
+                    runs[name][load].append(wrk(addr, connections, duration))
+                scrape_bytes = scraper.bytes
+            else:
+                runs[name][load].append(wrk(addr, connections, duration))
+
+        for i in range(args.rounds):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                measure(name, "c50", 50, args.duration)
+        for i in range(args.latency_rounds):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                measure(name, "c1", 1, args.latency_duration)
         results = {name: {load: median_run(r) for load, r in loads.items()} for name, loads in runs.items()}
 
-        direct = results["mock (direct)"]
-        print(f"\n~1 KB chat completions, {args.duration}s per run, median of {args.rounds} rounds, "
+        def added(name):
+            """Per-round p50 differences with the mock at 1 connection: median, min, max."""
+            deltas = [own[1]["50"] - direct[1]["50"]
+                      for own, direct in zip(runs[name]["c1"], runs["mock (direct)"]["c1"])]
+            return statistics.median(deltas), min(deltas), max(deltas)
+
+        print(f"\n~1 KB chat completions; throughput: {args.duration}s runs, median of {args.rounds} rounds; "
+              f"latency: {args.latency_duration}s runs, median of {args.latency_rounds} rounds; "
               f"{os.cpu_count()} cores, logs: {workdir}\n")
-        print("| target | req/s @50 | p50 @50 | p99 @50 | req/s @1 | p50 @1 | p99 @1 | added p50 @1 |")
+        print("| target | req/s @50 | p50 @50 | p99 @50 | req/s @1 | p50 @1 | p99 @1 | added p50 @1 (min-max) |")
         print("|---|---|---|---|---|---|---|---|")
         for name, r in results.items():
             (rps50, lat50), (rps1, lat1) = r["c50"], r["c1"]
-            added = lat1["50"] - direct["c1"][1]["50"]
+            if name.startswith("mock"):
+                extra = "-"
+            else:
+                median, low, high = added(name)
+                extra = f"{median:.0f} us ({low:.0f} to {high:.0f})"
             print(f"| {name} | {rps50:,.0f} | {lat50['50']:.0f} us | {lat50['99']:.0f} us | "
-                  f"{rps1:,.0f} | {lat1['50']:.0f} us | {lat1['99']:.0f} us | "
-                  f"{'-' if name.startswith('mock') else f'{added:.0f} us'} |")
+                  f"{rps1:,.0f} | {lat1['50']:.0f} us | {lat1['99']:.0f} us | {extra} |")
         ratio = results["sluice"]["c50"][0] / results["nginx"]["c50"][0]
-        added = results["sluice"]["c1"][1]["50"] - direct["c1"][1]["50"]
+        median, low, high = added("sluice")
         print(f"\nsluice / nginx throughput at 50 connections: {ratio:.2f}x (target >= 0.8x)")
-        print(f"sluice added p50 latency at 1 connection: {added / 1000:.3f} ms (target <= 0.2 ms)")
+        print(f"sluice added p50 latency at 1 connection: {median / 1000:.3f} ms "
+              f"(rounds: {low / 1000:.3f} to {high / 1000:.3f}; target <= 0.2 ms)")
         if scraped:
             plain, busy = results["sluice"], results[scraped]
             print(f"with /metrics scraped every {args.scrape_interval:g} s ({scrape_bytes:,} bytes each): "

@@ -4,6 +4,7 @@
 //! Only the method, the path without its query, the endpoint and figures are logged: never a
 //! header, so never a key.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
@@ -258,8 +259,36 @@ struct Line {
     error: Option<String>,
 }
 
+/// The target of access lines (`RUST_LOG=sluice::access=warn` keeps only the failures).
+pub const TARGET: &str = "sluice::access";
+
+/// Whether access lines go out as one pre-formatted message (see [`plain_text_lines`]).
+static PLAIN_TEXT: AtomicBool = AtomicBool::new(false);
+
+/// With `true`, access lines are written as one message already in the text format's
+/// `name=value` shape (strings quoted, absent values left out, control characters escaped),
+/// instead of as structured fields the subscriber formats one by one. For plain-text logs
+/// whose subscriber writes this target's messages without escaping them again; JSON logs
+/// (and colored terminal output) get the fields.
+pub fn plain_text_lines(on: bool) {
+    PLAIN_TEXT.store(on, Ordering::Relaxed);
+}
+
 impl Line {
     fn emit(self) {
+        self.emit_as(PLAIN_TEXT.load(Ordering::Relaxed));
+    }
+
+    fn emit_as(self, plain_text: bool) {
+        if plain_text {
+            let text = self.text();
+            if self.warn {
+                tracing::warn!(target: TARGET, "{text}");
+            } else {
+                tracing::info!(target: TARGET, "{text}");
+            }
+            return;
+        }
         let Line {
             warn,
             method,
@@ -299,6 +328,58 @@ impl Line {
                 "request"
             );
         }
+    }
+
+    /// The line's fields as the text format writes the structured event above: `%` fields
+    /// as displayed, strings quoted, numbers as `Debug` shows them (`0.0`, not `0`), `None`
+    /// left out, and the error only on warnings.
+    fn text(&self) -> String {
+        use std::fmt::Write;
+
+        fn quoted(out: &mut String, name: &str, value: Option<&str>) {
+            if let Some(value) = value {
+                let _ = write!(out, " {name}={value:?}");
+            }
+        }
+        fn number<T: std::fmt::Debug>(out: &mut String, name: &str, value: Option<T>) {
+            if let Some(value) = value {
+                let _ = write!(out, " {name}={value:?}");
+            }
+        }
+
+        /// A value shown unquoted: control characters (terminal escapes, line breaks) are
+        /// escaped, as the subscriber would otherwise do.
+        fn bare(out: &mut String, value: &str) {
+            if value.chars().any(|c| c.is_control()) {
+                out.extend(value.chars().flat_map(char::escape_debug));
+            } else {
+                out.push_str(value);
+            }
+        }
+
+        let mut out = String::with_capacity(384);
+        out.push_str("request method=");
+        bare(&mut out, self.method.as_str());
+        out.push_str(" path=");
+        bare(&mut out, &self.path);
+        quoted(&mut out, "endpoint", Some(self.endpoint));
+        quoted(&mut out, "org", self.org.as_deref());
+        quoted(&mut out, "model", self.model.as_deref());
+        quoted(&mut out, "priority", self.priority);
+        number(&mut out, "status", Some(self.status));
+        number(&mut out, "queue_ms", self.queue_ms);
+        number(&mut out, "upstream_ms", self.upstream_ms);
+        number(&mut out, "total_ms", Some(self.total_ms));
+        number(&mut out, "bytes", Some(self.bytes));
+        number(&mut out, "est_prompt_tokens", self.est_prompt_tokens);
+        number(&mut out, "est_output_tokens", self.est_output_tokens);
+        number(&mut out, "prompt_tokens", self.prompt_tokens);
+        number(&mut out, "completion_tokens", self.completion_tokens);
+        quoted(&mut out, "outcome", Some(self.outcome));
+        if self.warn {
+            quoted(&mut out, "error", self.error.as_deref());
+        }
+        out
     }
 }
 
@@ -426,4 +507,92 @@ impl Drop for AccessRecord {
 
 fn millis(duration: std::time::Duration) -> f64 {
     (duration.as_secs_f64() * 1_000_000.0).round() / 1_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("test mutex").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The line as the text format writes it (level and target included, no timestamp).
+    fn written(line: Line, plain_text: bool) -> String {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            // As sluice's plain-text logs write access lines: escaped by `Line::text`.
+            .with_ansi_sanitization(!plain_text)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, || line.emit_as(plain_text));
+        let bytes = captured.0.lock().expect("test mutex").clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    fn line(warn: bool, full: bool) -> Line {
+        Line {
+            warn,
+            method: Method::POST,
+            path: "/v1/chat/completions".to_owned(),
+            endpoint: "chat_completions",
+            org: full.then(|| Arc::from("team \"a\"")),
+            model: full.then(|| "gpt-4o-mini".to_owned()),
+            priority: full.then_some("batch"),
+            status: if warn { 502 } else { 200 },
+            queue_ms: full.then_some(0.0),
+            upstream_ms: full.then_some(12.5),
+            total_ms: 13.0,
+            bytes: 655,
+            est_prompt_tokens: full.then_some(216),
+            est_output_tokens: full.then_some(16),
+            prompt_tokens: full.then_some(210),
+            completion_tokens: full.then_some(16),
+            outcome: "complete",
+            error: full.then(|| "upstream_unreachable".to_owned()),
+        }
+    }
+
+    #[test]
+    fn plain_text_lines_read_exactly_as_the_structured_event_does() {
+        for warn in [false, true] {
+            for full in [false, true] {
+                let structured = written(line(warn, full), false);
+                assert!(structured.contains("request method=POST"), "{structured}");
+                assert_eq!(written(line(warn, full), true), structured);
+            }
+        }
+    }
+
+    #[test]
+    fn plain_text_lines_escape_control_characters() {
+        let mut hostile = line(true, true);
+        hostile.path = "/v1/\u{1b}[31mred\nINFO fake".to_owned();
+        hostile.model = Some("\u{1b}]0;title\u{7}".to_owned());
+        hostile.error = Some("\u{9b}31m".to_owned());
+        let text = written(hostile, true);
+        assert!(
+            !text.trim_end().chars().any(|c| c.is_control()),
+            "a control character reached the log: {text:?}"
+        );
+        assert!(
+            text.contains("path=/v1/\\u{1b}[31mred\\nINFO fake"),
+            "{text}"
+        );
+    }
 }

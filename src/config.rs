@@ -1071,7 +1071,12 @@ fn parse_sha256(text: &str) -> Option<[u8; 32]> {
 
 /// The first 8 hex digits of a hash: how keys are named wherever a name is needed.
 pub fn hex_prefix(hash: &[u8; 32]) -> String {
-    hash[..4].iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    hash[..4]
+        .iter()
+        .flat_map(|byte| [byte >> 4, byte & 0xf])
+        .map(|nibble| char::from(DIGITS[usize::from(nibble)]))
+        .collect()
 }
 
 /// Accepts `scheme://host[:port][/prefix]`; returns it without a trailing slash.
@@ -1113,6 +1118,14 @@ mod tests {
 
     fn keys(err: ConfigError) -> Vec<String> {
         err.issues.into_iter().map(|issue| issue.key).collect()
+    }
+
+    #[test]
+    fn hex_prefix_is_the_first_four_bytes_in_lowercase_hex() {
+        let mut hash = [0xffu8; 32];
+        hash[..4].copy_from_slice(&[0x0a, 0xbc, 0xde, 0xf1]);
+        assert_eq!(hex_prefix(&hash), "0abcdef1");
+        assert_eq!(hex_prefix(&[0; 32]), "00000000");
     }
 
     #[test]

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 use sluice::config::{Config, ConfigError, LogFormat, Overrides};
 use sluice::log_writer::{BatchedWriter, LogGuard};
-use tracing_subscriber::EnvFilter;
+use tracing::Metadata;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 mod cli_http;
 
@@ -190,15 +194,44 @@ fn init_tracing(format: LogFormat) -> Option<LogGuard> {
 
 fn install_subscriber<W>(format: LogFormat, writer: W)
 where
-    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Clone + Send + Sync + 'static,
 {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Pretty => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .json()
+            .flatten_event(true)
+            .init(),
+        LogFormat::Pretty if std::io::stderr().is_terminal() => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .with_ansi(true)
+            .init(),
+        LogFormat::Pretty => {
+            // Access lines arrive as one message sluice formatted and escaped itself
+            // (sluice::access): their layer skips the per-character escaping pass, which
+            // would cost more than formatting them. Every other line keeps it.
+            sluice::access::plain_text_lines(true);
+            let access = |meta: &Metadata<'_>| meta.target() == sluice::access::TARGET;
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(writer.clone())
+                        .with_ansi(false)
+                        .with_filter(filter_fn(move |meta| !access(meta))),
+                )
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(writer)
+                        .with_ansi(false)
+                        .with_ansi_sanitization(false)
+                        .with_filter(filter_fn(access)),
+                )
+                .init();
+        }
     }
 }
 

@@ -138,7 +138,12 @@ impl Orgs {
             ),
             (None, None) => {
                 let name = match &key_hash {
-                    Some(hash) => format!("key-{}", hex_prefix(hash)),
+                    Some(hash) => {
+                        let mut name = String::with_capacity(12);
+                        name.push_str("key-");
+                        name.push_str(&hex_prefix(hash));
+                        name
+                    }
                     None => ANONYMOUS.to_owned(),
                 };
                 (Arc::from(name), None, Priority::default())

@@ -26,7 +26,7 @@ use crate::org::Identity;
 use crate::queue::Evidence;
 use crate::retry::{self, Class, ErrorBody, Limited as LimitedResource};
 use crate::server::{AppState, Live};
-use crate::upstream::body::{BodyEnd, BodyOutcome, ObservedBody, UsageTap};
+use crate::upstream::body::{BodyEnd, BodyOutcome, Ended, ObservedBody, UsageTap};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 use crate::upstream::usage::{request_stream_usage, SseUsage};
 use crate::upstream::{request_headers, strip_hop_by_hop, SendError, TimedBody};
@@ -771,8 +771,9 @@ fn relay(
             headers.remove(header::CONTENT_LENGTH);
         }
     }
-    let body = ObservedBody::new(body, tap, move |end: BodyEnd| {
+    let body = ObservedBody::new(body, tap, move |ended: Ended| {
         let finish = move || {
+            let end = ended.resolve();
             if let Some(admitted) = admission {
                 settle(admitted, status, &end);
             }
@@ -786,8 +787,8 @@ fn relay(
             };
             record.finish(status, end, error);
         };
-        // The body reports its end while handing its last bytes to the server: settling and
-        // logging in a task of their own lets those bytes leave first. Outside a runtime (it
+        // The body reports its end while handing its last bytes to the server: reading the
+        // usage, settling and logging in a task of their own lets those bytes leave first. Outside a runtime (it
         // is shutting down) they run here.
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {

@@ -170,9 +170,27 @@ pub struct BodyEnd {
     pub usage: Option<Usage>,
 }
 
+/// A body's end as reported while its last bytes are still on their way to the client: the
+/// usage is read from them by [`Ended::resolve`], later, off the response's path.
+pub struct Ended {
+    outcome: BodyOutcome,
+    bytes: u64,
+    tap: Option<UsageTap>,
+}
+
+impl Ended {
+    pub fn resolve(self) -> BodyEnd {
+        BodyEnd {
+            outcome: self.outcome,
+            bytes: self.bytes,
+            usage: self.tap.as_ref().and_then(UsageTap::usage),
+        }
+    }
+}
+
 /// Wraps `B`, counts its data bytes, optionally reads usage through a [`UsageTap`], and calls
 /// `on_end` once when it ends, fails or is dropped.
-pub struct ObservedBody<B, F: FnOnce(BodyEnd)> {
+pub struct ObservedBody<B, F: FnOnce(Ended)> {
     inner: B,
     bytes: u64,
     tap: Option<UsageTap>,
@@ -190,7 +208,7 @@ pub struct ObservedBody<B, F: FnOnce(BodyEnd)> {
 /// arrive as `data: {"error": ...}`).
 const BROKEN_STREAM_EVENT: &str = "data: {\"error\":{\"message\":\"The upstream connection broke mid-stream; this response is incomplete. Send the request again.\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_broken\"}}\n\n";
 
-impl<B, F: FnOnce(BodyEnd)> ObservedBody<B, F> {
+impl<B, F: FnOnce(Ended)> ObservedBody<B, F> {
     pub fn new(inner: B, tap: Option<UsageTap>, on_end: F) -> Self {
         Self {
             inner,
@@ -220,10 +238,10 @@ impl<B, F: FnOnce(BodyEnd)> ObservedBody<B, F> {
 
     fn end(&mut self, outcome: BodyOutcome) {
         if let Some(on_end) = self.on_end.take() {
-            on_end(BodyEnd {
+            on_end(Ended {
                 outcome,
                 bytes: self.bytes,
-                usage: self.tap.as_ref().and_then(UsageTap::usage),
+                tap: self.tap.take(),
             });
         }
     }
@@ -232,7 +250,7 @@ impl<B, F: FnOnce(BodyEnd)> ObservedBody<B, F> {
 impl<B, F> Body for ObservedBody<B, F>
 where
     B: Body<Data = Bytes> + Unpin,
-    F: FnOnce(BodyEnd) + Unpin,
+    F: FnOnce(Ended) + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -323,7 +341,7 @@ where
     }
 }
 
-impl<B, F: FnOnce(BodyEnd)> Drop for ObservedBody<B, F> {
+impl<B, F: FnOnce(Ended)> Drop for ObservedBody<B, F> {
     fn drop(&mut self) {
         self.end(BodyOutcome::Cancelled);
     }
@@ -335,10 +353,12 @@ mod tests {
     use http_body_util::{BodyExt, Full, StreamBody};
     use std::sync::{Arc, Mutex};
 
-    fn recorder() -> (Arc<Mutex<Vec<BodyEnd>>>, impl FnOnce(BodyEnd) + Unpin) {
+    fn recorder() -> (Arc<Mutex<Vec<BodyEnd>>>, impl FnOnce(Ended) + Unpin) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&seen);
-        (seen, move |end| sink.lock().expect("test mutex").push(end))
+        (seen, move |end: Ended| {
+            sink.lock().expect("test mutex").push(end.resolve())
+        })
     }
 
     #[tokio::test]
