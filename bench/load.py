@@ -13,8 +13,11 @@ With --scrape-interval, sluice is measured a second time in each round while a s
 fetches its /metrics every that many seconds (as Prometheus would), to show what scraping
 costs the requests.
 
-Throughput is measured first, the targets in turn, round after round; then latency, in
-shorter runs, interleaved the same way with the order rotated each round. Each figure is the
+Latency is measured first, in short runs, the targets in turn with the order rotated each
+round; then throughput, interleaved the same way. Latency goes first because on a burstable
+VM the throughput runs (both cores saturated for minutes) get the CPU throttled by the host
+(steal time), and latency rounds run after them would measure the throttling more than the
+proxies; the share of stolen CPU time in each phase is printed, to judge a run by. Each figure is the
 median over the rounds, and the added latency of a proxy is the median of its per-round
 differences with the mock measured in the same round: on a shared 2-core machine a single
 run can be off by 30%, and slow drifts of the host would otherwise land on one target.
@@ -169,6 +172,24 @@ class Scraper:
         self.thread.join()
 
 
+def cpu_times():
+    """The machine's CPU time counters (/proc/stat), or None where there are none."""
+    try:
+        with open("/proc/stat") as stat:
+            return [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def stolen_share(before, after):
+    """The share of CPU time the hypervisor stole between two cpu_times() readings."""
+    if not before or not after or len(before) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta[:8])
+    return delta[7] / total if total else None
+
+
 def median_run(runs):
     """The median requests/s and the median of each latency percentile over the rounds."""
     rps = statistics.median(r for r, _ in runs)
@@ -228,12 +249,16 @@ def main():
             else:
                 runs[name][load].append(wrk(addr, connections, duration))
 
-        for i in range(args.rounds):
-            for name in names[i % len(names):] + names[:i % len(names)]:
-                measure(name, "c50", 50, args.duration)
+        steal = {}
+        before = cpu_times()
         for i in range(args.latency_rounds):
             for name in names[i % len(names):] + names[:i % len(names)]:
                 measure(name, "c1", 1, args.latency_duration)
+        steal["latency"], before = stolen_share(before, cpu_times()), cpu_times()
+        for i in range(args.rounds):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                measure(name, "c50", 50, args.duration)
+        steal["throughput"] = stolen_share(before, cpu_times())
         results = {name: {load: median_run(r) for load, r in loads.items()} for name, loads in runs.items()}
 
         def added(name):
@@ -258,6 +283,9 @@ def main():
                   f"{rps1:,.0f} | {lat1['50']:.0f} us | {lat1['99']:.0f} us | {extra} |")
         ratio = results["sluice"]["c50"][0] / results["nginx"]["c50"][0]
         median, low, high = added("sluice")
+        if None not in steal.values():
+            print(f"\nCPU time stolen by the host: {steal['latency']:.0%} during the latency runs, "
+                  f"{steal['throughput']:.0%} during the throughput runs")
         print(f"\nsluice / nginx throughput at 50 connections: {ratio:.2f}x (target >= 0.8x)")
         print(f"sluice added p50 latency at 1 connection: {median / 1000:.3f} ms "
               f"(rounds: {low / 1000:.3f} to {high / 1000:.3f}; target <= 0.2 ms)")
