@@ -130,6 +130,15 @@ async fn forward(
     record: &mut AccessRecord,
 ) -> Result<(Answer, Option<Admission>), ProxyError> {
     let (parts, body) = request.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = state
+        .upstream
+        .uri(&path_and_query)
+        .map_err(|err| ProxyError::Internal(format!("no upstream URL for the request: {err}")))?;
     // This request runs under the configuration in force now, whatever a reload does later.
     let live = state.live();
     let mut body = read_body(
@@ -188,15 +197,6 @@ async fn forward(
         }
     }
 
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let uri = state
-        .upstream
-        .uri(&path_and_query)
-        .map_err(|err| ProxyError::Internal(format!("no upstream URL for the request: {err}")))?;
     let read_whole = matches!(body, RequestBody::Read(_));
     let mut headers = request_headers(&parts.headers, read_whole);
     if let Some(key) = &identity.upstream_key {
