@@ -164,6 +164,83 @@ async fn json_logs_are_one_object_per_line() {
     assert_eq!(access["endpoint"], "models");
 }
 
+#[tokio::test]
+async fn failed_and_cancelled_exchanges_are_logged_with_their_cause() {
+    let mock = mock_with(mock_openai::MockConfig {
+        chunk_delay: Duration::from_millis(1_500),
+        completion_tokens: 3,
+        ..mock_openai::MockConfig::default()
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("sluice-failures-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("sluice.toml");
+    std::fs::write(&config, "[upstream]\nread_timeout_secs = 0.5\n").unwrap();
+    let running = Running::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &mock.url(),
+        ],
+        &[],
+    );
+    // A stream the upstream stalls past the read timeout.
+    let stalled = client()
+        .post(running.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), 200);
+    stalled.bytes().await.unwrap();
+    // A client that gives up before the upstream answers.
+    mock.inject(mock_openai::FaultRule {
+        fault: mock_openai::Fault::Delay { ms: 2_000 },
+        path_contains: None,
+        times: 1,
+    });
+    let gave_up = client()
+        .post(running.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat_body(false))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client timed out");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (code, log) = running.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.lines()
+            .any(|line| line.contains("upstream response body failed")
+                && line.contains("upstream.read_timeout_secs")),
+        "the body failure's cause is logged:\n{log}"
+    );
+    let access: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("sluice::access"))
+        .collect();
+    assert!(
+        access
+            .iter()
+            .any(|line| line.contains("status=200")
+                && line.contains("outcome=\"upstream_body_failed\"")),
+        "{log}"
+    );
+    assert!(
+        access.iter().any(|line| line.contains("status=499")
+            && line.contains("model=\"gpt-4o-mini\"")
+            && line.contains("error=\"client_cancelled\"")),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn flags_beat_environment_which_beats_the_file() {
     let dir = std::env::temp_dir().join(format!("sluice-precedence-{}", std::process::id()));

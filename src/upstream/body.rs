@@ -250,6 +250,7 @@ impl<B, F: FnOnce(Ended)> ObservedBody<B, F> {
 impl<B, F> Body for ObservedBody<B, F>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
     F: FnOnce(Ended) + Unpin,
 {
     type Data = Bytes;
@@ -303,6 +304,8 @@ where
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(err))) => {
+                    // The access line says the body failed; this says why (reset, timeout).
+                    tracing::warn!(error = %err, bytes = this.bytes, "upstream response body failed");
                     this.done = true;
                     this.end(BodyOutcome::Failed);
                     if this.error_event {
