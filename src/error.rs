@@ -60,7 +60,7 @@ impl ProxyError {
         match err.kind {
             SendFailure::Timeout => Self::UpstreamTimeout(err.detail),
             // No connection in time is an unreachable upstream, not a slow answer.
-            SendFailure::ConnectTimeout | SendFailure::Unreachable => {
+            SendFailure::ConnectTimeout | SendFailure::Unreachable | SendFailure::NotSent => {
                 Self::UpstreamUnreachable(err.detail)
             }
             SendFailure::Failed => Self::UpstreamFailed(err.detail),
@@ -174,8 +174,10 @@ impl ProxyError {
             Self::UpstreamTimeout(_) => "The upstream API did not answer within sluice's \
                  upstream.read_timeout_secs. Retry, or raise it in the sluice config."
                 .to_owned(),
-            Self::UpstreamFailed(_) => "The connection to the upstream API failed before a \
-                 response arrived. Retry the request."
+            Self::UpstreamFailed(_) => "The connection to the upstream API broke after the \
+                 request was sent and before a response arrived. The upstream may have run (and \
+                 billed) it, so sluice did not send it again: retry it if running it twice is \
+                 acceptable."
                 .to_owned(),
             Self::ShuttingDown => "sluice is shutting down and accepts no new requests. Retry \
                  against another instance or after it restarts."

@@ -264,9 +264,9 @@ impl Exchange<'_> {
             let response = match self.send(admission, record).await {
                 Ok(response) => response,
                 Err(err) => {
-                    // No response came back: the connection was refused, or it failed before
-                    // the upstream answered. Nothing reached the client yet, so it may go again;
-                    // a timeout is not retried (the upstream may still be working on it).
+                    // No response came back. Only a request that never reached the upstream
+                    // (refused connection, a pooled connection found closed before the write)
+                    // goes again: one that broke after it was written may have run.
                     if err.retriable() {
                         if let Some(wait) = self.retry_wait(None) {
                             record.retried("connection");

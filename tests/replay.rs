@@ -221,7 +221,9 @@ async fn server_errors_are_retried_within_the_budget() {
 }
 
 #[tokio::test]
-async fn a_connection_closed_before_the_answer_is_retried() {
+async fn a_connection_closed_after_the_request_was_written_is_not_resent() {
+    // The upstream read the request and may have run it: sending it again could run (and
+    // bill) it twice, so the client gets the 502 and decides.
     let mock = mock().await;
     mock.inject(FaultRule {
         fault: Fault::CloseConnection,
@@ -230,8 +232,10 @@ async fn a_connection_closed_before_the_answer_is_retried() {
     });
     let sluice = Sluice::start_with(&mock.url(), "[retry]\nbackoff_base_secs = 0.05\n").await;
     let response = post(&sluice, KEY, &chat(5)).await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(mock.stats().requests, 2);
+    assert_eq!(response.status(), 502);
+    let error = assert_sluice_error(&response.bytes().await.unwrap());
+    assert_eq!(error["code"], "upstream_failed");
+    assert_eq!(mock.stats().requests, 1);
     sluice.stop().await;
 }
 

@@ -63,8 +63,12 @@ pub enum Fault {
     /// Streams: send this many SSE events, then abort the connection without a clean end.
     /// Other responses: abort right after the headers.
     StreamReset { after_events: u32 },
-    /// Close the connection without sending any response.
+    /// Read the request, then close the connection without sending any response: what a
+    /// load balancer's idle timeout does to a long generation.
     CloseConnection,
+    /// A 200 whose head is larger than any client accepts (one header of `bytes` bytes): the
+    /// client fails to parse it after the request was received.
+    OversizedHead { bytes: usize },
 }
 
 /// The FIFO of rules. The first rule matching a request's path is applied and its `times`

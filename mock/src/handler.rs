@@ -354,6 +354,13 @@ impl App {
                 self.error(ctx, ApiError::insufficient_quota(), HeaderMap::new())
             }
             Fault::CloseConnection => close_connection(),
+            Fault::OversizedHead { bytes } => {
+                let mut headers = HeaderMap::new();
+                if let Ok(value) = HeaderValue::from_str(&"x".repeat(bytes)) {
+                    headers.insert("x-mock-padding", value);
+                }
+                self.error(ctx, ApiError::server_error(), headers)
+            }
             // Handled before routing; a rule never reaches here with these.
             Fault::Delay { .. } | Fault::StreamReset { .. } => {
                 self.error(ctx, ApiError::server_error(), HeaderMap::new())

@@ -118,8 +118,12 @@ pub enum SendFailure {
     ConnectTimeout,
     /// No connection could be made (refused, unresolvable, TLS handshake failed).
     Unreachable,
-    /// The connection failed after it was made, before a response (reset, closed early,
-    /// malformed response).
+    /// The connection closed before any of the request was written (a pooled connection the
+    /// upstream had already closed, which hyper found before the write).
+    NotSent,
+    /// The connection failed after the request may have been written, before a response
+    /// (reset, closed early, a malformed or oversized response head). The upstream may have
+    /// received, run and billed it.
     Failed,
     /// No response head within the read timeout: the upstream may still be working on it.
     Timeout,
@@ -132,10 +136,19 @@ impl SendError {
                 .downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
         });
-        let kind = match (err.is_connect(), timed_out) {
-            (true, true) => SendFailure::ConnectTimeout,
-            (true, false) => SendFailure::Unreachable,
-            (false, _) => SendFailure::Failed,
+        // hyper cancels a request that was still waiting in a connection's channel when that
+        // connection closed: it was never written. Anything else after the connect step may
+        // have reached the upstream.
+        let canceled = sources(err).any(|cause| {
+            cause
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+        });
+        let kind = match (err.is_connect(), timed_out, canceled) {
+            (true, true, _) => SendFailure::ConnectTimeout,
+            (true, false, _) => SendFailure::Unreachable,
+            (false, _, true) => SendFailure::NotSent,
+            (false, _, false) => SendFailure::Failed,
         };
         Self {
             kind,
@@ -147,14 +160,17 @@ impl SendError {
     pub fn unsent(&self) -> bool {
         matches!(
             self.kind,
-            SendFailure::ConnectTimeout | SendFailure::Unreachable
+            SendFailure::ConnectTimeout | SendFailure::Unreachable | SendFailure::NotSent
         )
     }
 
-    /// Sending again may succeed and cannot do the work twice: everything but a timed-out
-    /// response (the upstream may still be doing it).
+    /// Sending again cannot run the request twice: only a request that never reached the
+    /// upstream may go again. A connection that broke after the request was written (reset,
+    /// early close, a garbage response head) may have had it executed and billed, and the
+    /// client's SDK retries connection errors itself, so sluice answers those with a 502
+    /// instead of multiplying the executions.
     pub fn retriable(&self) -> bool {
-        self.kind != SendFailure::Timeout
+        self.unsent()
     }
 }
 
