@@ -28,6 +28,11 @@ pub enum Fault {
 pub enum ProxyError {
     #[error("no route for {path}")]
     UnknownPath { path: String },
+    #[error("path {path:?} has {reason}")]
+    InvalidPath {
+        path: String,
+        reason: crate::endpoint::PathError,
+    },
     #[error("request body exceeds {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
@@ -70,6 +75,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
@@ -88,6 +94,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::UnknownPath { .. } => "unknown_url",
+            Self::InvalidPath { .. } => "invalid_path",
             Self::BodyTooLarge { .. } => "request_body_too_large",
             Self::BodyRead(_) => "request_body_unreadable",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -123,6 +130,7 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         match self {
             Self::UnknownPath { .. }
+            | Self::InvalidPath { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyRead(_)
             | Self::Unauthenticated => Fault::Client,
@@ -158,6 +166,11 @@ impl ProxyError {
                 "sluice has no route for {path}: it proxies the OpenAI API under /v1/ \
                  (set your client's base URL to http://<sluice-address>/v1), and serves \
                  /healthz, /readyz and /metrics."
+            ),
+            Self::InvalidPath { path, reason } => format!(
+                "sluice refuses the request path {path:?}: it has {reason}, so it has no one \
+                 meaning that sluice and the upstream would both read. Send the API's own \
+                 path (for example /v1/chat/completions)."
             ),
             Self::BodyTooLarge { limit } => format!(
                 "The request body is larger than sluice's limit of {limit} bytes for this \

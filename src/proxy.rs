@@ -102,7 +102,18 @@ struct UpstreamError {
 
 /// Handles every request the server has no other route for.
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let endpoint = Endpoint::from_path(request.uri().path());
+    let (request, endpoint) = match route(request) {
+        Ok(routed) => routed,
+        Err((request, err)) => {
+            let record = AccessRecord::start(
+                Arc::clone(&state.metrics),
+                request.method().clone(),
+                request.uri().path(),
+                None,
+            );
+            return reject(err, record);
+        }
+    };
     let mut record = AccessRecord::start(
         Arc::clone(&state.metrics),
         request.method().clone(),
@@ -119,6 +130,48 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         Ok((answer, admission)) => relay(endpoint, answer, admission, record),
         Err(err) => reject(err, record),
     }
+}
+
+/// Puts the request's path in its canonical spelling (the one that is classified, metered
+/// and forwarded) and names its endpoint; `None` for a path outside `/v1/`. A path with no
+/// safe canonical form is refused with the request, for the access log.
+#[allow(clippy::result_large_err)]
+fn route(mut request: Request) -> Result<(Request, Option<Endpoint>), (Request, ProxyError)> {
+    let canonical = match crate::endpoint::normalize(request.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(path)) => {
+            let endpoint = Endpoint::from_path(path);
+            return Ok((request, endpoint));
+        }
+        Ok(std::borrow::Cow::Owned(path)) => path,
+        Err(reason) => {
+            let err = ProxyError::InvalidPath {
+                path: request.uri().path().to_owned(),
+                reason,
+            };
+            return Err((request, err));
+        }
+    };
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{canonical}?{query}"),
+        None => canonical,
+    };
+    let mut parts = request.uri().clone().into_parts();
+    match PathAndQuery::try_from(path_and_query) {
+        Ok(path_and_query) => parts.path_and_query = Some(path_and_query),
+        Err(err) => {
+            let err = ProxyError::Internal(format!("normalized path is not a URI: {err}"));
+            return Err((request, err));
+        }
+    }
+    match Uri::from_parts(parts) {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(err) => {
+            let err = ProxyError::Internal(format!("normalized path is not a URI: {err}"));
+            return Err((request, err));
+        }
+    }
+    let endpoint = Endpoint::from_path(request.uri().path());
+    Ok((request, endpoint))
 }
 
 /// Reads, identifies, estimates, admits, and sends the request upstream until it has an
