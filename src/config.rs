@@ -25,6 +25,9 @@ const DEFAULT_POOL_IDLE_TIMEOUT_SECS: f64 = 90.0;
 /// 32 MiB: well above the largest chat request the API accepts with inline images.
 const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 const DEFAULT_DRAIN_TIMEOUT_SECS: f64 = 30.0;
+/// 256 MiB: eight bodies of the largest default size at once. Bodies beyond it wait (briefly)
+/// for room instead of growing the process past what a sidecar's memory limit allows.
+const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 256 * 1024 * 1024;
 /// How often the config file (and the key files it names) is checked for changes. Reading a
 /// few small files every two seconds costs nothing, and an edit or a Kubernetes ConfigMap
 /// update takes effect before anyone wonders whether it did.
@@ -201,6 +204,9 @@ impl OrgConfig {
 pub struct ServerConfig {
     /// Largest JSON body read whole (estimated endpoints); other bodies stream unbounded.
     pub max_body_bytes: usize,
+    /// The most bytes of request bodies read whole at once, over every request of the process
+    /// (at least `max_body_bytes`). A body that does not fit waits briefly, then gets a 503.
+    pub max_buffered_body_bytes: usize,
     /// How long in-flight requests may run on after a shutdown signal.
     pub drain_timeout: Duration,
     /// How often the config file and its key files are checked for changes; `None`: only
@@ -339,6 +345,7 @@ struct RawUpstream {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     max_body_bytes: Option<u64>,
+    max_buffered_body_bytes: Option<u64>,
     drain_timeout_secs: Option<f64>,
     config_watch_secs: Option<f64>,
     workers: Option<u64>,
@@ -425,6 +432,10 @@ impl Config {
         keep!(metrics_listen, "metrics_listen");
         keep!(log_format, "log_format");
         keep!(server.workers, "server.workers");
+        keep!(
+            server.max_buffered_body_bytes,
+            "server.max_buffered_body_bytes"
+        );
         keep!(upstream.base_url, "upstream.url");
         keep!(upstream.connect_timeout, "upstream.connect_timeout_secs");
         keep!(upstream.read_timeout, "upstream.read_timeout_secs");
@@ -600,6 +611,23 @@ fn validate(
             0
         }
     };
+    let buffered = raw
+        .server
+        .max_buffered_body_bytes
+        .unwrap_or(DEFAULT_MAX_BUFFERED_BODY_BYTES.max(max_body_bytes as u64));
+    let max_buffered_body_bytes = match usize::try_from(buffered) {
+        Ok(n) if n >= max_body_bytes => n,
+        _ => {
+            issues.add(
+                "server.max_buffered_body_bytes",
+                format!(
+                    "{buffered} is out of range: use at least server.max_body_bytes \
+                     ({max_body_bytes}), or one body of the largest size could never be read"
+                ),
+            );
+            0
+        }
+    };
 
     let max_wait = seconds(
         &mut issues,
@@ -702,6 +730,7 @@ fn validate(
         },
         server: ServerConfig {
             max_body_bytes,
+            max_buffered_body_bytes,
             drain_timeout,
             config_watch,
             workers,

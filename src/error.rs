@@ -37,6 +37,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("request bodies buffered at once would exceed {limit} bytes")]
+    BodyBufferFull { limit: usize },
     #[error("upstream unreachable: {0}")]
     UpstreamUnreachable(String),
     #[error("upstream timed out: {0}")]
@@ -78,6 +80,7 @@ impl ProxyError {
             Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::BodyBufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -97,6 +100,7 @@ impl ProxyError {
             Self::InvalidPath { .. } => "invalid_path",
             Self::BodyTooLarge { .. } => "request_body_too_large",
             Self::BodyRead(_) => "request_body_unreadable",
+            Self::BodyBufferFull { .. } => "body_buffer_full",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed(_) => "upstream_failed",
@@ -117,6 +121,7 @@ impl ProxyError {
     /// How long a client should wait before retrying, when that is known.
     fn retry_after(&self) -> Option<Duration> {
         match self {
+            Self::BodyBufferFull { .. } => Some(Duration::from_secs(1)),
             Self::Rejected { rejection, .. } => match rejection {
                 Rejection::TooLarge { .. } => None,
                 Rejection::Deadline { wait, .. } | Rejection::QueueFull { wait, .. } => {
@@ -137,7 +142,7 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) | Self::UpstreamTimeout(_) | Self::UpstreamFailed(_) => {
                 Fault::Upstream
             }
-            Self::ShuttingDown | Self::Internal(_) => Fault::Internal,
+            Self::ShuttingDown | Self::Internal(_) | Self::BodyBufferFull { .. } => Fault::Internal,
             Self::InvalidBody(EstimateError::Tokenizer(_)) => Fault::Internal,
             Self::InvalidBody(_) | Self::Rejected { .. } => Fault::Client,
         }
@@ -176,6 +181,11 @@ impl ProxyError {
                 "The request body is larger than sluice's limit of {limit} bytes for this \
                  endpoint. Send a smaller request, or raise server.max_body_bytes in the \
                  sluice config."
+            ),
+            Self::BodyBufferFull { limit } => format!(
+                "sluice is already holding {limit} bytes of other requests' bodies \
+                 (server.max_buffered_body_bytes) and had no room for this one. Retry in a \
+                 moment; if this happens often, raise server.max_buffered_body_bytes."
             ),
             Self::BodyRead(_) => "sluice could not read the request body (the client closed \
                  the connection or sent a malformed body). Retry the request."

@@ -10,7 +10,8 @@
 //! - [`server`]: shared state, the router, health and metrics endpoints, graceful drain.
 //! - [`workers`]: the event-loop threads, one socket each.
 //! - [`proxy`]: the lifecycle, in phase order.
-//! - [`endpoint`]: which OpenAI endpoint a path names.
+//! - [`endpoint`]: a request path's canonical spelling, and which OpenAI endpoint it names.
+//! - [`body_budget`]: the bound on request-body bytes read whole at once.
 //! - [`upstream`]: the shared HTTP client, header rules, the observed response body.
 //! - [`retry`]: the retry policy: classify a failure, its wait hint, backoff, the retry budget.
 //! - [`quota`]: orgs out of quota, answered from a cool-down without calling upstream.
@@ -21,6 +22,7 @@
 //! - [`error`]: the one error enum and its OpenAI-shaped response.
 
 pub mod access;
+pub mod body_budget;
 pub mod config;
 pub mod endpoint;
 pub mod error;

@@ -12,10 +12,11 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use tokio::time::Instant;
 
 use crate::access::AccessRecord;
+use crate::body_budget::Held;
 use crate::config::{Accounting, Config, QueueConfig};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
@@ -194,13 +195,8 @@ async fn forward(
         .map_err(|err| ProxyError::Internal(format!("no upstream URL for the request: {err}")))?;
     // This request runs under the configuration in force now, whatever a reload does later.
     let live = state.live();
-    let mut body = read_body(
-        endpoint,
-        &parts.headers,
-        body,
-        live.config.server.max_body_bytes,
-    )
-    .await?;
+    // Who is asking is known from the headers alone: a client without a valid token is
+    // refused before sluice reads (and holds) a byte of its body.
     let identity = live
         .orgs
         .authenticate(&parts.headers)
@@ -213,6 +209,15 @@ async fn forward(
             None,
         ));
     }
+    // Held until the exchange is over: the body's bytes live that long.
+    let (mut body, _held) = read_body(
+        state,
+        endpoint,
+        &parts.headers,
+        body,
+        live.config.server.max_body_bytes,
+    )
+    .await?;
 
     let deadline = deadline(&parts.headers, &live.config.queue, Instant::now());
     let mut admission = None;
@@ -674,27 +679,24 @@ async fn read_error(response: http::Response<TimedBody>) -> UpstreamError {
     }
 }
 
+/// The request's body: read whole (within the process's body budget) for an estimated
+/// endpoint, streamed through otherwise.
 async fn read_body(
+    state: &AppState,
     endpoint: Endpoint,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-) -> Result<RequestBody, ProxyError> {
+) -> Result<(RequestBody, Option<Held>), ProxyError> {
     if !endpoint.reads_body() {
-        return Ok(RequestBody::Streaming(body));
+        return Ok((RequestBody::Streaming(body), None));
     }
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(RequestBody::Read(collected.to_bytes())),
-        Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(err) => Err(ProxyError::BodyRead(err.to_string())),
-    }
+    let (bytes, held) = state.body_budget.read(body, declared, limit).await?;
+    Ok((RequestBody::Read(bytes), Some(held)))
 }
 
 /// Estimates the request's tokens; large bodies go to the blocking pool.

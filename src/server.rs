@@ -74,6 +74,8 @@ pub struct AppState {
     /// Bounds retries of failed requests to a share of the traffic.
     pub retry_budget: RetryBudget,
     pub tokenizers: Arc<Tokenizers>,
+    /// Bounds the request bodies read whole at once.
+    pub body_budget: crate::body_budget::BodyBudget,
     draining: AtomicBool,
 }
 
@@ -106,6 +108,7 @@ impl AppState {
                 RETRY_BUDGET_WINDOW,
             ),
             tokenizers: tokenizers()?,
+            body_budget: crate::body_budget::BodyBudget::new(config.server.max_buffered_body_bytes),
             live: RwLock::new(Arc::new(Live::new(config, 0))),
             draining: AtomicBool::new(false),
         })

@@ -98,3 +98,29 @@ fn the_binary_refuses_to_start_open_without_tokens() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("allow_unauthenticated"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_client_without_a_token_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = mock().await;
+    let sluice = Sluice::start_with(&mock.url(), &managed("C")).await;
+    // Announces 30 MB and sends none of it: only an answer from the headers alone can come.
+    let mut socket = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
+    socket
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: sluice\r\n\
+              authorization: Bearer sk-not-a-client-token-00000000000\r\n\
+              content-type: application/json\r\ncontent-length: 31457280\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), socket.read(&mut head))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..read]);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert_eq!(mock.stats().requests, 0);
+    sluice.stop().await;
+}
