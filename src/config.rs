@@ -51,6 +51,9 @@ const DEFAULT_OUTPUT_TOKENS: u64 = 1024;
 /// A request reaches the upstream tens of milliseconds after admission; a quarter second of
 /// refill in hand covers that with room to spare for a slow network.
 const DEFAULT_REFILL_MARGIN_SECS: f64 = 0.25;
+/// A limit learned from one broken header refuses a bucket's large requests for at most a
+/// minute; a real one costs one refused request a minute.
+const DEFAULT_RELEARN_INTERVAL_SECS: f64 = 60.0;
 /// Upstream attempts per request, the first included: enough to ride out a pause or two and a
 /// transient 5xx, few enough that a request does not bounce for minutes.
 const DEFAULT_MAX_ATTEMPTS: u32 = 5;
@@ -150,6 +153,9 @@ pub struct QueueConfig {
     /// Refill each bucket leaves unused, covering the moment between sluice's admission and
     /// the upstream's own charge.
     pub refill_margin: Duration,
+    /// How long a learned limit goes unconfirmed before a request larger than it (that the
+    /// configuration allows) is sent anyway, to learn whether it still holds.
+    pub relearn_interval: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -264,6 +270,7 @@ struct RawQueue {
     interactive_reserve: Option<f64>,
     client_timeout_margin_secs: Option<f64>,
     refill_margin_secs: Option<f64>,
+    relearn_interval_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -444,6 +451,7 @@ impl Config {
             "upstream.pool_idle_timeout_secs"
         );
         keep!(queue.refill_margin, "queue.refill_margin_secs");
+        keep!(queue.relearn_interval, "queue.relearn_interval_secs");
         keep!(retry.circuit_threshold, "retry.circuit_breaker_threshold");
         keep!(retry.budget_ratio, "retry.budget_ratio");
         keep!(retry.budget_min_per_sec, "retry.budget_min_per_sec");
@@ -652,6 +660,12 @@ fn validate(
             DEFAULT_REFILL_MARGIN_SECS,
         )
     };
+    let relearn_interval = seconds(
+        &mut issues,
+        "queue.relearn_interval_secs",
+        raw.queue.relearn_interval_secs,
+        DEFAULT_RELEARN_INTERVAL_SECS,
+    );
     let interactive_reserve = raw
         .queue
         .interactive_reserve
@@ -742,6 +756,7 @@ fn validate(
             interactive_reserve,
             client_timeout_margin,
             refill_margin,
+            relearn_interval,
         },
         retry,
         estimate: EstimateConfig {

@@ -420,14 +420,7 @@ impl Exchange<'_> {
                     if let Some(admitted) = admission.as_mut() {
                         admitted.reservation.answered();
                     }
-                    let hint = retry::wait_hint(
-                        class,
-                        &error.headers,
-                        &limits,
-                        error.parsed.as_ref(),
-                        SystemTime::now(),
-                    )
-                    .map(|(wait, _)| wait);
+                    let hint = self.wait_hint(class, &error, &limits).map(|(wait, _)| wait);
                     if let Some(wait) = self.retry_wait(hint) {
                         record.retried("server_error");
                         tracing::info!(
@@ -485,6 +478,32 @@ impl Exchange<'_> {
         pending.await
     }
 
+    /// The upstream's wait hint for an error response ([`retry::wait_hint`]); hints too long
+    /// to be meant are counted as malformed headers and ignored.
+    fn wait_hint(
+        &self,
+        class: Class,
+        error: &UpstreamError,
+        limits: &RateLimitHeaders,
+    ) -> Option<(Duration, retry::HintSource)> {
+        let now = SystemTime::now();
+        let parsed = error.parsed.as_ref();
+        let implausible = retry::implausible_hints(class, &error.headers, limits, parsed, now);
+        if implausible > 0 {
+            self.state
+                .metrics
+                .header_errors
+                .inc_by(u64::from(implausible));
+            tracing::warn!(
+                org = %self.org,
+                count = implausible,
+                max_secs = retry::PLAUSIBLE_WAIT.as_secs(),
+                "ignored upstream wait hints longer than any limit window"
+            );
+        }
+        retry::wait_hint(class, &error.headers, limits, parsed, now)
+    }
+
     /// How long to wait before retrying a failure (a 5xx or a refused connection), or `None`
     /// when it must not be retried: the body cannot be sent again, attempts or the retry
     /// budget are spent, or the wait would pass the deadline.
@@ -526,13 +545,7 @@ impl Exchange<'_> {
         };
         let config = &self.config.retry;
         let now = Instant::now();
-        let hinted = retry::wait_hint(
-            class,
-            &error.headers,
-            limits,
-            error.parsed.as_ref(),
-            SystemTime::now(),
-        );
+        let hinted = self.wait_hint(class, error, limits);
         let hint = hinted.map_or_else(
             || {
                 retry::backoff(
@@ -931,6 +944,7 @@ mod tests {
             interactive_reserve: 0.2,
             client_timeout_margin: Duration::from_secs(2),
             refill_margin: Duration::ZERO,
+            relearn_interval: Duration::from_secs(60),
         }
     }
 

@@ -31,6 +31,11 @@ use crate::upstream::ratelimit::{self, RateLimitHeaders};
 /// within a minute, or within two when it is in debt (rejected requests count too).
 const MINUTE_RESET_MAX: Duration = Duration::from_secs(125);
 
+/// How long a learned limit stands without a response confirming it. Every response with
+/// rate-limit headers confirms it, so only a bucket that sent nothing upstream for this long
+/// (idle, or refusing everything on a limit that was wrong) forgets it and learns it anew.
+const LEARNED_TTL: Duration = Duration::from_secs(3600);
+
 /// Which class a request waits in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,6 +101,8 @@ pub struct QueueBounds {
     interactive_reserve: AtomicU64,
     /// Refill left unused in every bucket (see [`Bucket::with_margin`]).
     refill_margin: Duration,
+    /// See [`QueueConfig::relearn_interval`].
+    relearn_interval: Duration,
     /// Consecutive upstream 429s that open a bucket's circuit.
     circuit_threshold: u32,
     /// Requests waiting in all buckets.
@@ -109,6 +116,7 @@ impl QueueBounds {
             max_depth_per_bucket: AtomicUsize::new(config.max_depth_per_bucket),
             interactive_reserve: AtomicU64::new(config.interactive_reserve.to_bits()),
             refill_margin: config.refill_margin,
+            relearn_interval: config.relearn_interval,
             circuit_threshold,
             depth: AtomicUsize::new(0),
         }
@@ -144,6 +152,10 @@ struct State {
     generation: u64,
     /// Limits the upstream's headers announced.
     learned: Limits,
+    /// When a response last announced a limit.
+    learned_at: Option<Instant>,
+    /// Unknown limits are learned from the upstream (`upstream.learn_limits`).
+    learns: bool,
     gate: Gate,
     classes: [VecDeque<Waiter>; 2],
     /// Total cost queued per class, for predicting waits in O(1).
@@ -310,6 +322,67 @@ impl State {
         bucket.max(gate)
     }
 
+    /// Forgets learned limits no response has confirmed for [`LEARNED_TTL`]; a bucket with
+    /// nothing configured then learns again, its next request going alone.
+    fn age_learned(&mut self, org: &str, model: &str, now: Instant) {
+        let stale = self
+            .learned_at
+            .is_some_and(|at| now.saturating_duration_since(at) > LEARNED_TTL);
+        if !stale || self.learned.is_empty() {
+            return;
+        }
+        tracing::info!(
+            org,
+            model,
+            "learned limits unconfirmed for an hour; learning them again"
+        );
+        self.forget_learned(now);
+        if self.learns && self.configured.is_empty() {
+            self.gate.relearn(now);
+        }
+    }
+
+    fn forget_learned(&mut self, now: Instant) {
+        self.learned = Limits::default();
+        self.learned_at = None;
+        self.apply_limits(now);
+    }
+
+    /// A request is larger than a limit in force. When that limit is only learned (the
+    /// configuration allows the request) and no response confirmed it for `interval`, the
+    /// learned limit is forgotten so this request goes upstream: its answer teaches the limit
+    /// again, whether it was real or came from a broken header. One header
+    /// (`x-ratelimit-limit-tokens: 1`) thus refuses a bucket's requests for at most `interval`,
+    /// and a real limit costs one refused request per `interval`. Returns whether it was
+    /// forgotten.
+    fn doubt_learned(
+        &mut self,
+        oversize: Oversize,
+        cost: Cost,
+        interval: Duration,
+        now: Instant,
+    ) -> bool {
+        let Oversize {
+            resource, window, ..
+        } = oversize;
+        let configured_allows = self
+            .configured
+            .get(resource, window)
+            .is_none_or(|limit| cost.of(resource) <= limit as f64);
+        let learned = self.learned.get(resource, window);
+        let unconfirmed = self
+            .learned_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= interval);
+        if !(configured_allows && learned.is_some() && unconfirmed) {
+            return false;
+        }
+        self.learned.clear(resource, window);
+        // The doubt counts as a confirmation: the next doubt waits a whole interval again.
+        self.learned_at = Some(now);
+        self.apply_limits(now);
+        true
+    }
+
     /// Puts the tighter of the configured and learned limits in force, keeping what was spent.
     fn apply_limits(&mut self, now: Instant) {
         let limits = self.configured.tightest(&self.learned);
@@ -372,6 +445,8 @@ impl BucketQueue {
                 configured: limits,
                 generation: 0,
                 learned: Limits::default(),
+                learned_at: None,
+                learns: learn,
                 gate,
                 classes: [VecDeque::new(), VecDeque::new()],
                 queued: [Cost::default(); 2],
@@ -405,8 +480,22 @@ impl BucketQueue {
         let id = {
             let mut state = self.lock();
             let keep = state.keep(priority, &self.bounds);
+            state.age_learned(&self.org, &self.model, arrived);
             if let Err(never) = state.bucket.fits_ever(cost) {
-                return Err(too_large(never, cost));
+                if !state.doubt_learned(never, cost, self.bounds.relearn_interval, arrived) {
+                    return Err(too_large(never, cost));
+                }
+                tracing::warn!(
+                    org = %self.org,
+                    model = %self.model,
+                    resource = never.resource.label(),
+                    learned = never.limit,
+                    requested = cost.of(never.resource),
+                    "a request is larger than a learned limit; sending it to learn the limit again"
+                );
+                if let Err(never) = state.bucket.fits_ever(cost) {
+                    return Err(too_large(never, cost));
+                }
             }
             if state.nobody_ahead(priority) {
                 match state.try_go(cost, keep, arrived) {
@@ -567,6 +656,13 @@ impl BucketQueue {
         state.generation = generation;
         if state.configured != limits {
             state.configured = limits;
+            // What the bucket learned and the pauses it took were under the old limits; a
+            // changed configuration is the operator's way to clear them (a pause from a
+            // broken header, a limit learned from one).
+            let now = Instant::now();
+            state.gate.clear_pause();
+            state.last_429 = None;
+            state.forget_learned(now);
             warn_if_above_upstream(&self.org, &self.model, &state.configured, &state.learned);
             state.apply_limits(Instant::now());
         }
@@ -637,6 +733,7 @@ impl BucketQueue {
             state.apply_limits(now);
         }
         if !learned.is_empty() {
+            state.learned_at = Some(now);
             state.gate.learned();
         }
 
@@ -1012,6 +1109,7 @@ mod tests {
                     interactive_reserve: reserve,
                     client_timeout_margin: Duration::from_secs(2),
                     refill_margin: Duration::ZERO,
+                    relearn_interval: Duration::from_secs(60),
                 },
                 3,
             )),

@@ -226,10 +226,9 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// the project and usage-based ones of the same kind; when the resource is unknown, the
 /// largest of the requests, tokens and project resets.
 ///
-/// Waits are returned as read, up to [`MAX_DURATION`]: bounding what is honoured is the
-/// caller's policy. `None` when nothing is usable; the caller then uses [`backoff`].
-///
-/// [`MAX_DURATION`]: crate::upstream::ratelimit::MAX_DURATION
+/// A hint longer than [`PLAUSIBLE_WAIT`] is malformed, not a wait: it is skipped (the next
+/// source is read instead) and counted by [`implausible_hints`]. `None` when nothing is
+/// usable; the caller then uses [`backoff`].
 pub fn wait_hint(
     class: Class,
     headers: &HeaderMap,
@@ -237,20 +236,56 @@ pub fn wait_hint(
     body: Option<&ErrorBody>,
     now: SystemTime,
 ) -> Option<(Duration, HintSource)> {
-    if let Some(wait) = header_str(headers, "retry-after-ms").and_then(parse_retry_after_ms) {
-        return Some((wait, HintSource::RetryAfterMs));
-    }
-    let retry_after = header_str(headers, header::RETRY_AFTER.as_str());
-    if let Some(wait) = retry_after.and_then(|s| parse_retry_after(s, now)) {
-        return Some((wait, HintSource::RetryAfter));
-    }
-    if let Some(wait) = body
+    hints(class, headers, limits, body, now)
+        .into_iter()
+        .flatten()
+        .find(|(wait, _)| *wait <= PLAUSIBLE_WAIT)
+}
+
+/// The longest wait an upstream can mean: its longest window is a day, and a daily bucket
+/// has been seen announcing resets a few minutes past 24 h. Anything longer (Azure-style bare
+/// seconds gone wrong, `retry-after: 300000000`) would stop a bucket for years on one header.
+pub const PLAUSIBLE_WAIT: Duration = Duration::from_secs(25 * 3600);
+
+/// How many of the response's wait hints were longer than [`PLAUSIBLE_WAIT`] (and so ignored
+/// by [`wait_hint`]).
+pub fn implausible_hints(
+    class: Class,
+    headers: &HeaderMap,
+    limits: &RateLimitHeaders,
+    body: Option<&ErrorBody>,
+    now: SystemTime,
+) -> u32 {
+    hints(class, headers, limits, body, now)
+        .into_iter()
+        .flatten()
+        .filter(|(wait, _)| *wait > PLAUSIBLE_WAIT)
+        .count() as u32
+}
+
+/// Every hint the response carries, in the order they are honoured, as read (up to
+/// [`MAX_DURATION`]).
+///
+/// [`MAX_DURATION`]: crate::upstream::ratelimit::MAX_DURATION
+fn hints(
+    class: Class,
+    headers: &HeaderMap,
+    limits: &RateLimitHeaders,
+    body: Option<&ErrorBody>,
+    now: SystemTime,
+) -> [Option<(Duration, HintSource)>; 4] {
+    let retry_after_ms = header_str(headers, "retry-after-ms")
+        .and_then(parse_retry_after_ms)
+        .map(|wait| (wait, HintSource::RetryAfterMs));
+    let retry_after = header_str(headers, header::RETRY_AFTER.as_str())
+        .and_then(|s| parse_retry_after(s, now))
+        .map(|wait| (wait, HintSource::RetryAfter));
+    let message = body
         .and_then(|b| b.message.as_deref())
         .and_then(try_again_in)
-    {
-        return Some((wait, HintSource::Message));
-    }
-    reset_hint(class, limits).map(|wait| (wait, HintSource::Reset))
+        .map(|wait| (wait, HintSource::Message));
+    let reset = reset_hint(class, limits).map(|wait| (wait, HintSource::Reset));
+    [retry_after_ms, retry_after, message, reset]
 }
 
 fn reset_hint(class: Class, limits: &RateLimitHeaders) -> Option<Duration> {
@@ -799,6 +834,42 @@ mod tests {
         let headers = header_map(headers);
         let limits = RateLimitHeaders::parse(&headers);
         wait_hint(class, &headers, &limits, body, now())
+    }
+
+    #[test]
+    fn hints_longer_than_any_window_are_skipped_and_counted() {
+        let implausible = |headers: &[(&'static str, &'static str)]| {
+            let headers = header_map(headers);
+            let limits = RateLimitHeaders::parse(&headers);
+            implausible_hints(REQUESTS, &headers, &limits, None, now())
+        };
+        // 9.5 years in seconds: skipped for the next usable hint.
+        let headers = [
+            ("retry-after", "300000000"),
+            ("x-ratelimit-reset-requests", "2s"),
+        ];
+        assert_eq!(
+            hint(REQUESTS, &headers, None),
+            Some((ms(2000), HintSource::Reset))
+        );
+        assert_eq!(implausible(&headers), 1);
+        let headers = [("retry-after-ms", "1e11"), ("retry-after", "99999999")];
+        assert_eq!(hint(REQUESTS, &headers, None), None);
+        assert_eq!(implausible(&headers), 2);
+        // A daily bucket's real reset, a few minutes past a day, is still honoured.
+        let headers = [("x-ratelimit-reset-requests", "24h6m34s")];
+        assert_eq!(
+            hint(REQUESTS, &headers, None),
+            Some((
+                Duration::from_secs(24 * 3600 + 6 * 60 + 34),
+                HintSource::Reset
+            ))
+        );
+        assert_eq!(implausible(&headers), 0);
+        assert_eq!(
+            hint(REQUESTS, &[("x-ratelimit-reset-requests", "26h")], None),
+            None
+        );
     }
 
     #[test]

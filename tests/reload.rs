@@ -288,3 +288,50 @@ async fn rotating_the_provider_key_file_fails_no_request() {
     sluice.stop().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_changed_configuration_clears_a_pause_and_what_was_learned() {
+    let dir = scratch("clears");
+    let path = dir.join("sluice.toml");
+    std::fs::write(&path, acme(100)).unwrap();
+    let mock = mock().await;
+    let sluice = Sluice::start_file(&mock.url(), &path).await;
+    // An hour's pause (plausible: a daily bucket) from one 429, and a learned limit of 2 rpm.
+    mock.inject(mock_openai::FaultRule::once(mock_openai::Fault::Status {
+        status: 429,
+        body: Some(serde_json::json!({"error": {
+            "message": "Rate limit reached for requests", "type": "requests",
+            "param": null, "code": "rate_limit_exceeded"}})),
+        headers: vec![
+            ("retry-after".into(), "3600".into()),
+            ("x-ratelimit-limit-requests".into(), "2".into()),
+        ],
+    }));
+    let paused = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .bearer_auth(ACME_KEY)
+        .header("x-sluice-max-wait", "1")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 429);
+    let bucket = acme_bucket(&sluice).await;
+    assert!(
+        bucket["paused_for_secs"].as_f64().unwrap() > 3000.0,
+        "{bucket}"
+    );
+    assert_eq!(bucket["limits"]["learned"]["rpm"], 2, "{bucket}");
+
+    // The operator changes the org's limits: the pause and the learned limit go with the old
+    // configuration, and the next request is sent at once.
+    replace(&path, &acme(120));
+    wait_for!("the reload", reloads(&sluice, "ok").await == 1.0);
+    let bucket = acme_bucket(&sluice).await;
+    assert!(bucket["paused_for_secs"].is_null(), "{bucket}");
+    assert!(bucket["limits"]["learned"]["rpm"].is_null(), "{bucket}");
+    assert_eq!(send(&sluice, ACME_KEY).await.unwrap(), 200);
+    assert_eq!(mock.stats().requests, 2);
+    sluice.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -335,3 +335,85 @@ async fn another_clients_spending_is_seen_in_the_headers() {
     assert!(responses.iter().filter(|r| queue_ms(r) > 0).count() > 5);
     sluice.stop().await;
 }
+
+fn rate_limit_body() -> serde_json::Value {
+    serde_json::json!({"error": {
+        "message": "Rate limit reached for gpt-4o-mini in organization org-x on requests per min (RPM): Limit 10000, Used 10000, Requested 1.",
+        "type": "requests", "param": null, "code": "rate_limit_exceeded"}})
+}
+
+#[tokio::test]
+async fn a_wait_hint_longer_than_any_window_is_ignored_and_counted() {
+    let mock = mock().await;
+    mock.inject(FaultRule::once(Fault::Status {
+        status: 429,
+        body: Some(rate_limit_body()),
+        // 9.5 years: no provider means it.
+        headers: vec![("retry-after".into(), "300000000".into())],
+    }));
+    let sluice = Sluice::start_with(&mock.url(), "[retry]\nbackoff_base_secs = 0.05\n").await;
+    let response = post(&sluice, KEY, &chat(5)).await;
+    // Replayed after the backoff, not parked for years.
+    assert_eq!(response.status(), 200);
+    assert_eq!(mock.stats().requests, 2);
+    let status: serde_json::Value = client()
+        .get(sluice.url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for bucket in status["buckets"].as_array().unwrap() {
+        let paused = bucket["paused_for_secs"].as_f64().unwrap_or(0.0);
+        assert!(paused < 60.0, "{bucket}");
+    }
+    let metrics = metrics_text(&sluice).await;
+    assert!(
+        metrics.contains("sluice_upstream_header_errors_total 1"),
+        "{metrics}"
+    );
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_learned_limit_too_small_for_a_request_is_learned_again() {
+    let mock = mock().await;
+    // One answer claims a token limit of 1: every later request would be "too large".
+    mock.inject(FaultRule::once(Fault::Status {
+        status: 200,
+        body: Some(serde_json::json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+            "model": "gpt-4o-mini", "choices": [],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}})),
+        headers: vec![
+            ("x-ratelimit-limit-tokens".into(), "1".into()),
+            ("x-ratelimit-remaining-tokens".into(), "1".into()),
+        ],
+    }));
+    let sluice = Sluice::start_with(&mock.url(), "[queue]\nrelearn_interval_secs = 0.3\n").await;
+    assert_eq!(post(&sluice, KEY, &chat(5)).await.status(), 200);
+    // Refused locally while the learned limit is fresh...
+    let refused = post(&sluice, KEY, &chat(5)).await;
+    assert_eq!(refused.status(), 429);
+    let error = assert_openai_error(&refused.bytes().await.unwrap());
+    assert_eq!(error["code"], "request_too_large");
+    assert_eq!(mock.stats().requests, 1);
+    // ...then, unconfirmed for the interval, the next request goes upstream to learn it again
+    // and the mock's real headers put the real limit back.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(post(&sluice, KEY, &chat(5)).await.status(), 200);
+    assert_eq!(post(&sluice, KEY, &chat(5)).await.status(), 200);
+    assert_eq!(mock.stats().requests, 3);
+    let status: serde_json::Value = client()
+        .get(sluice.url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let learned = &status["buckets"][0]["limits"]["learned"]["tpm"];
+    assert!(learned.as_u64().unwrap() > 1000, "{status}");
+    sluice.stop().await;
+}

@@ -96,14 +96,22 @@ impl Limits {
         }
     }
 
+    /// Forgets the limit of `resource` over `window`.
+    pub fn clear(&mut self, resource: Resource, window: Duration) {
+        *self.field(resource, window) = None;
+    }
+
     pub fn set(&mut self, resource: Resource, window: Duration, limit: u64) {
-        let field = match (resource, window == DAY) {
+        *self.field(resource, window) = Some(limit);
+    }
+
+    fn field(&mut self, resource: Resource, window: Duration) -> &mut Option<u64> {
+        match (resource, window == DAY) {
             (Resource::Requests, false) => &mut self.rpm,
             (Resource::Tokens, false) => &mut self.tpm,
             (Resource::Requests, true) => &mut self.rpd,
             (Resource::Tokens, true) => &mut self.tpd,
-        };
-        *field = Some(limit);
+        }
     }
 }
 

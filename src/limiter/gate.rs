@@ -185,6 +185,23 @@ impl Gate {
         self.learning = None;
     }
 
+    /// The limits are unknown again (the learned ones aged out): the next request goes alone
+    /// to learn them, as a new bucket's first does.
+    pub fn relearn(&mut self, now: Instant) {
+        self.learning = Some(Learning {
+            probing: false,
+            since: now,
+        });
+    }
+
+    /// Forgets pauses, an open circuit and the run of 429s: the configuration they were
+    /// earned under was replaced.
+    pub fn clear_pause(&mut self) {
+        self.paused_until = None;
+        self.circuit = Circuit::Closed;
+        self.consecutive_429 = 0;
+    }
+
     /// Whether the bucket still waits to learn its limits.
     pub fn is_learning(&self) -> bool {
         self.learning.is_some()

@@ -322,6 +322,7 @@ mod tests {
                 interactive_reserve: 0.0,
                 client_timeout_margin: Duration::from_secs(2),
                 refill_margin: Duration::ZERO,
+                relearn_interval: Duration::from_secs(60),
             }
         }
     }
