@@ -22,6 +22,10 @@ const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
 /// reasoning-model answers the client is still willing to wait for.
 const DEFAULT_READ_TIMEOUT_SECS: f64 = 600.0;
 const DEFAULT_POOL_IDLE_TIMEOUT_SECS: f64 = 90.0;
+/// An hour: far beyond the longest generation a client waits for (the SDKs' own timeout is
+/// 600 s between reads), short enough that a dripping upstream cannot hold a connection for
+/// a day.
+const DEFAULT_TOTAL_TIMEOUT_SECS: f64 = 3600.0;
 /// 32 MiB: well above the largest chat request the API accepts with inline images.
 const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 const DEFAULT_DRAIN_TIMEOUT_SECS: f64 = 30.0;
@@ -120,6 +124,10 @@ pub struct UpstreamConfig {
     /// Longest silence between two reads of an upstream response (an idle timeout, so a
     /// long stream that keeps sending is never cut).
     pub read_timeout: Duration,
+    /// Longest a whole response may take, head to last byte: a body that keeps dripping a
+    /// byte before each read timeout would otherwise hold its connection and reservation
+    /// forever.
+    pub total_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub accounting: Accounting,
     /// Learn the limits of buckets with none configured from the upstream's headers (and
@@ -344,6 +352,7 @@ struct RawUpstream {
     connect_timeout_secs: Option<f64>,
     read_timeout_secs: Option<f64>,
     pool_idle_timeout_secs: Option<f64>,
+    total_timeout_secs: Option<f64>,
     accounting: Option<Accounting>,
     learn_limits: Option<bool>,
 }
@@ -446,6 +455,7 @@ impl Config {
         keep!(upstream.base_url, "upstream.url");
         keep!(upstream.connect_timeout, "upstream.connect_timeout_secs");
         keep!(upstream.read_timeout, "upstream.read_timeout_secs");
+        keep!(upstream.total_timeout, "upstream.total_timeout_secs");
         keep!(
             upstream.pool_idle_timeout,
             "upstream.pool_idle_timeout_secs"
@@ -571,6 +581,12 @@ fn validate(
         "upstream.read_timeout_secs",
         raw.upstream.read_timeout_secs,
         DEFAULT_READ_TIMEOUT_SECS,
+    );
+    let total_timeout = seconds(
+        &mut issues,
+        "upstream.total_timeout_secs",
+        raw.upstream.total_timeout_secs,
+        DEFAULT_TOTAL_TIMEOUT_SECS,
     );
     let pool_idle_timeout = seconds(
         &mut issues,
@@ -738,6 +754,7 @@ fn validate(
             base_url,
             connect_timeout,
             read_timeout,
+            total_timeout,
             pool_idle_timeout,
             accounting: raw.upstream.accounting.unwrap_or_default(),
             learn_limits: raw.upstream.learn_limits.unwrap_or(true),
@@ -1076,7 +1093,36 @@ fn validate_orgs(raw: Vec<RawOrg>, issues: &mut Issues) -> Vec<OrgConfig> {
             upstream_key_file: org.upstream_key_file,
         });
     }
+    refuse_tokens_equal_to_provider_keys(&orgs, issues);
     orgs
+}
+
+/// A client token that is some org's provider key defeats the point of tokens: whoever holds
+/// it holds the provider key too, and could go around sluice with it.
+fn refuse_tokens_equal_to_provider_keys(orgs: &[OrgConfig], issues: &mut Issues) {
+    let provider_keys: Vec<([u8; 32], &str)> = orgs
+        .iter()
+        .filter_map(|org| {
+            let value = org.upstream_key.as_ref()?.0.as_bytes();
+            let key = value.strip_prefix(b"Bearer ")?;
+            Some((Sha256::digest(key).into(), org.name.as_str()))
+        })
+        .collect();
+    for (index, org) in orgs.iter().enumerate() {
+        for token in &org.client_token_hashes {
+            if let Some((_, owner)) = provider_keys.iter().find(|(key, _)| key == token) {
+                issues.add(
+                    &format!("org[{index}].client_tokens_env"),
+                    format!(
+                        "a client token of org {:?} is the provider key of org {owner:?}; \
+                         client tokens must be secrets of their own (openssl rand -hex 24), \
+                         never a provider key",
+                        org.name
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// A provider key as sluice will send it: `Bearer <key>`, trimmed (files end in a newline).
@@ -1237,6 +1283,29 @@ mod tests {
         assert_eq!(next.queue.max_depth, 20);
         assert_eq!(next.retry.max_attempts, 3);
         assert!(next.clone().keep_restart_only(&next).is_empty());
+    }
+
+    #[test]
+    fn a_client_token_that_is_a_provider_key_is_refused() {
+        let provider = "sk-provider-key-of-acme-0123456789abcdef";
+        std::env::set_var("SLUICE_CONFIG_TEST_PROVIDER_KEY", provider);
+        std::env::set_var(
+            "SLUICE_CONFIG_TEST_TOKENS",
+            format!("client-token-0123456789abcdef, {provider}"),
+        );
+        let text =
+            "[[org]]\nname = \"acme\"\nupstream_key_env = \"SLUICE_CONFIG_TEST_PROVIDER_KEY\"\n\
+                    client_tokens_env = \"SLUICE_CONFIG_TEST_TOKENS\"\n";
+        let err = parse(text).expect_err("a token equal to the provider key");
+        assert!(
+            err.issues
+                .iter()
+                .any(|issue| issue.key == "org[0].client_tokens_env"
+                    && issue.message.contains("provider key")),
+            "{err:?}"
+        );
+        std::env::set_var("SLUICE_CONFIG_TEST_TOKENS", "client-token-0123456789abcdef");
+        parse(text).expect("distinct tokens are fine");
     }
 
     #[test]

@@ -512,14 +512,15 @@ impl Exchange<'_> {
             return None;
         }
         let config = &self.config.retry;
-        let wait = hint.unwrap_or_else(|| {
-            retry::backoff(
-                self.attempt.saturating_sub(1),
-                config.backoff_base,
-                config.backoff_max,
-                fastrand::f64(),
-            )
-        });
+        let backoff = retry::backoff(
+            self.attempt.saturating_sub(1),
+            config.backoff_base,
+            config.backoff_max,
+            fastrand::f64(),
+        );
+        // A failing upstream's hint is a minimum, not a licence: `retry-after: 0` on every
+        // 5xx of a burst must not send the attempts back to back.
+        let wait = hint.map_or(backoff, |hint| hint.max(backoff));
         let now = Instant::now();
         if now + wait > self.deadline {
             return None;

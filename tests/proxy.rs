@@ -184,19 +184,15 @@ async fn sse_chunks_arrive_incrementally() {
 }
 
 /// Streams a chat completion of `tokens` chunks `chunk_delay` apart through sluice with the
-/// given read timeout; returns the text the client received.
-async fn stream_through(chunk_delay: Duration, tokens: u32, read_timeout_secs: f64) -> String {
+/// given upstream settings; returns the text the client received.
+async fn stream_through(chunk_delay: Duration, tokens: u32, upstream: &str) -> String {
     let mock = mock_with(MockConfig {
         chunk_delay,
         completion_tokens: tokens,
         ..MockConfig::default()
     })
     .await;
-    let sluice = Sluice::start_with(
-        &mock.url(),
-        &format!("[upstream]\nread_timeout_secs = {read_timeout_secs}\n"),
-    )
-    .await;
+    let sluice = Sluice::start_with(&mock.url(), &format!("[upstream]\n{upstream}\n")).await;
     let mut body = chat_body(true);
     body["max_tokens"] = serde_json::json!(tokens);
     let response = client()
@@ -215,14 +211,30 @@ async fn stream_through(chunk_delay: Duration, tokens: u32, read_timeout_secs: f
 #[tokio::test]
 async fn the_read_timeout_applies_between_reads_not_to_the_whole_stream() {
     // 15 chunks 60 ms apart: about a second in all, twice the read timeout.
-    let text = stream_through(Duration::from_millis(60), 15, 0.5).await;
+    let text = stream_through(Duration::from_millis(60), 15, "read_timeout_secs = 0.5").await;
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert!(!text.contains("upstream_stream_broken"), "{text}");
 }
 
 #[tokio::test]
 async fn a_stream_that_stalls_past_the_read_timeout_ends_with_an_error_event() {
-    let text = stream_through(Duration::from_millis(1_500), 3, 0.5).await;
+    let text = stream_through(Duration::from_millis(1_500), 3, "read_timeout_secs = 0.5").await;
+    assert!(
+        text.contains("\"code\":\"upstream_stream_broken\""),
+        "{text}"
+    );
+    assert!(!text.contains("[DONE]"), "{text}");
+}
+
+#[tokio::test]
+async fn a_stream_that_drips_past_the_total_timeout_ends_with_an_error_event() {
+    // 30 chunks 60 ms apart: each read is quick, the whole takes ~1.8 s, past the 0.8 s total.
+    let text = stream_through(
+        Duration::from_millis(60),
+        30,
+        "read_timeout_secs = 0.5\ntotal_timeout_secs = 0.8",
+    )
+    .await;
     assert!(
         text.contains("\"code\":\"upstream_stream_broken\""),
         "{text}"

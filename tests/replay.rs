@@ -417,3 +417,32 @@ async fn a_learned_limit_too_small_for_a_request_is_learned_again() {
     assert!(learned.as_u64().unwrap() > 1000, "{status}");
     sluice.stop().await;
 }
+
+#[tokio::test]
+async fn a_zero_retry_after_on_server_errors_does_not_skip_the_backoff() {
+    let mock = mock().await;
+    mock.inject(FaultRule {
+        fault: Fault::Status {
+            status: 503,
+            body: None,
+            headers: vec![("retry-after".into(), "0".into())],
+        },
+        path_contains: None,
+        times: 5,
+    });
+    // Backoff 0.4 s doubling, and a second to spend: room for two or three attempts, where
+    // back-to-back attempts would spend all five at once.
+    let sluice = Sluice::start_with(&mock.url(), "[retry]\nbackoff_base_secs = 0.4\n").await;
+    let response = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-sluice-max-wait", "1")
+        .json(&chat(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let attempts = mock.stats().requests;
+    assert!((2..=3).contains(&attempts), "{attempts} attempts");
+    sluice.stop().await;
+}

@@ -26,18 +26,31 @@ pub struct TimedBody {
     timer: Option<Pin<Box<Sleep>>>,
     /// A frame arrived since the timer was last armed.
     progressed: bool,
+    /// The whole response ends by then (`upstream.total_timeout_secs`), however steadily it
+    /// drips: checked as each frame arrives (a silent body is the read timeout's).
+    deadline: Instant,
+    total: Duration,
 }
 
 impl TimedBody {
-    pub fn new(inner: Incoming, timeout: Duration) -> Self {
+    /// `timeout` bounds each wait for the next frame; `deadline` (the request's send time plus
+    /// `total`) bounds the whole body.
+    pub fn new(inner: Incoming, timeout: Duration, deadline: Instant, total: Duration) -> Self {
         Self {
             inner,
             timeout,
             timer: None,
             progressed: false,
+            deadline,
+            total,
         }
     }
 }
+
+/// The upstream's response took longer in all than the total timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's response took longer than {0:?} in all (upstream.total_timeout_secs)")]
+pub struct TotalTimeout(Duration);
 
 /// The upstream sent no body bytes within the read timeout.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +67,9 @@ impl Body for TimedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(_))) if Instant::now() >= this.deadline => {
+                Poll::Ready(Some(Err(TotalTimeout(this.total).into())))
+            }
             Poll::Ready(frame) => {
                 this.progressed = true;
                 Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))

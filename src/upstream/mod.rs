@@ -38,6 +38,8 @@ pub struct Upstream {
     prefix: String,
     /// The longest wait for the response head, and then between two reads of its body.
     read_timeout: Duration,
+    /// The longest a whole response may take.
+    total_timeout: Duration,
 }
 
 impl Upstream {
@@ -57,6 +59,7 @@ impl Upstream {
             authority: authority.clone(),
             prefix: base.path().trim_end_matches('/').to_owned(),
             read_timeout: config.read_timeout,
+            total_timeout: config.total_timeout,
         })
     }
 
@@ -79,8 +82,10 @@ impl Upstream {
     /// response head and then each wait for the next piece of its body.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<TimedBody>, SendError> {
         let client = &self.clients[crate::workers::current() % self.clients.len()];
+        let deadline = tokio::time::Instant::now() + self.total_timeout;
         match tokio::time::timeout(self.read_timeout, client.request(request)).await {
-            Ok(Ok(response)) => Ok(response.map(|body| TimedBody::new(body, self.read_timeout))),
+            Ok(Ok(response)) => Ok(response
+                .map(|body| TimedBody::new(body, self.read_timeout, deadline, self.total_timeout))),
             Ok(Err(err)) => Err(SendError::from_client(&err)),
             Err(_) => Err(SendError {
                 kind: SendFailure::Timeout,
