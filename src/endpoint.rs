@@ -287,6 +287,46 @@ mod tests {
         }
     }
 
+    use proptest::strategy::Strategy;
+
+    proptest::proptest! {
+        /// Whatever path a client sends, normalizing never panics, its result is canonical
+        /// (normalizing it again changes nothing, it has no empty, `.` or `..` segment and no
+        /// trailing `/`), and it names the same endpoint however it was spelled.
+        #[test]
+        fn normalizing_is_total_and_idempotent(
+            segments in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(vec![
+                        "", ".", "..", "v1", "V1", "chat", "completions", "completion%73",
+                        "%2e", "%2E%2e", "%2f", "%5c", "%00", "%", "%4", "%zz", "a;b", "a\\b",
+                        "%41", "%7e", "%20", "responses", "models", "embeddings",
+                    ])
+                    .prop_map(str::to_owned),
+                    "[ -~]{0,6}",
+                ],
+                0..10,
+            ),
+        ) {
+            let path = format!("/{}", segments.join("/"));
+            if let Ok(canonical) = normalize(&path) {
+                let again = normalize(&canonical).expect("a canonical path normalizes");
+                proptest::prop_assert_eq!(again.as_ref(), canonical.as_ref());
+                proptest::prop_assert!(canonical.starts_with('/'));
+                proptest::prop_assert!(!canonical.contains("//"), "{}", canonical);
+                proptest::prop_assert!(
+                    !canonical.split('/').any(|s| s == "." || s == ".."),
+                    "{}", canonical
+                );
+                proptest::prop_assert!(canonical.len() == 1 || !canonical.ends_with('/'));
+                proptest::prop_assert_eq!(
+                    Endpoint::from_path(&canonical),
+                    Endpoint::from_path(&again)
+                );
+            }
+        }
+    }
+
     #[test]
     fn only_estimated_endpoints_read_the_body() {
         assert!(Endpoint::ChatCompletions.reads_body());

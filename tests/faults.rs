@@ -323,3 +323,66 @@ async fn an_unreachable_upstream_is_answered_502_and_refunded() {
     assert_eq!(bucket["available"]["tokens"], 10_000_000.0, "{status}");
     sluice.stop().await;
 }
+
+#[tokio::test]
+async fn hostile_rate_limit_headers_on_a_success_are_counted_and_harmless() {
+    let mock = mock().await;
+    let sluice = Sluice::start_with(&mock.url(), &config()).await;
+    let hostile: Vec<(String, String)> = [
+        ("x-ratelimit-limit-requests", "-5"),
+        ("x-ratelimit-remaining-requests", "NaN"),
+        ("x-ratelimit-reset-requests", "1.2.3s"),
+        ("x-ratelimit-limit-tokens", "99999999999999999999999"),
+        ("x-ratelimit-remaining-tokens", "-1"),
+        ("x-ratelimit-reset-tokens", "9999999h"),
+        ("retry-after", "Wed, 99 Foo 3000"),
+    ]
+    .iter()
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .collect();
+    mock.inject(rule(
+        Fault::Status {
+            status: 200,
+            body: Some(serde_json::json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                "model": "gpt-4o-mini", "choices": [],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}})),
+            headers: hostile,
+        },
+        1,
+    ));
+    assert!(matches!(
+        send(&sluice, false).await,
+        Seen::Answer(200, None)
+    ));
+    assert_eq!(mock.stats().requests, 1);
+    let metrics = metrics_text(&sluice).await;
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("sluice_upstream_header_errors_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert!(errors >= 4.0, "{metrics}");
+    assert_settled(&sluice).await;
+    // The configured limits still rule: nothing learned from garbage.
+    let status: serde_json::Value = client()
+        .get(sluice.url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status["buckets"][0]["limits"]["in_force"]["tpm"], 10_000_000,
+        "{status}"
+    );
+    assert!(matches!(
+        send(&sluice, false).await,
+        Seen::Answer(200, None)
+    ));
+    sluice.stop().await;
+}
