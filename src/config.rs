@@ -45,6 +45,9 @@ fn default_workers() -> usize {
 const DEFAULT_MAX_WAIT_SECS: f64 = 60.0;
 const DEFAULT_MAX_DEPTH: usize = 10_000;
 const DEFAULT_MAX_DEPTH_PER_BUCKET: usize = 2_000;
+/// Made-up keys and model names create buckets; 10,000 is far more (org, model) pairs than
+/// a deployment configures or learns.
+const DEFAULT_MAX_BUCKETS: usize = 10_000;
 const DEFAULT_INTERACTIVE_RESERVE: f64 = 0.2;
 /// The SDKs give up after their own timeout; a request admitted just before that moment would
 /// spend budget on an answer nobody reads, so sluice stops queueing a little earlier.
@@ -164,6 +167,8 @@ pub struct QueueConfig {
     /// How long a learned limit goes unconfirmed before a request larger than it (that the
     /// configuration allows) is sent anyway, to learn whether it still holds.
     pub relearn_interval: Duration,
+    /// Buckets kept before idle learned ones are evicted (see [`crate::limiter::Limiter`]).
+    pub max_buckets: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +284,7 @@ struct RawQueue {
     client_timeout_margin_secs: Option<f64>,
     refill_margin_secs: Option<f64>,
     relearn_interval_secs: Option<f64>,
+    max_buckets: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -706,6 +712,14 @@ fn validate(
         }
     }
 
+    let max_buckets = raw.queue.max_buckets.unwrap_or(DEFAULT_MAX_BUCKETS);
+    if max_buckets == 0 || max_buckets > 10_000_000 {
+        issues.add(
+            "queue.max_buckets",
+            format!("{max_buckets} is out of range: use 1 to 10000000"),
+        );
+    }
+
     let default_output_tokens = raw
         .estimate
         .default_output_tokens
@@ -774,6 +788,7 @@ fn validate(
             client_timeout_margin,
             refill_margin,
             relearn_interval,
+            max_buckets,
         },
         retry,
         estimate: EstimateConfig {

@@ -946,6 +946,7 @@ mod tests {
             client_timeout_margin: Duration::from_secs(2),
             refill_margin: Duration::ZERO,
             relearn_interval: Duration::from_secs(60),
+            max_buckets: 10_000,
         }
     }
 

@@ -668,6 +668,11 @@ impl BucketQueue {
         }
     }
 
+    /// Whether the bucket has configured limits (not only learned ones).
+    pub fn is_configured(&self) -> bool {
+        !self.lock().configured.is_empty()
+    }
+
     /// A request holding `cost` is being sent upstream (again, for a replay).
     pub fn dispatched(&self, cost: Cost) -> Mark {
         let mut state = self.lock();
@@ -1110,6 +1115,7 @@ mod tests {
                     client_timeout_margin: Duration::from_secs(2),
                     refill_margin: Duration::ZERO,
                     relearn_interval: Duration::from_secs(60),
+                    max_buckets: 10_000,
                 },
                 3,
             )),
