@@ -411,7 +411,7 @@ def main():
         mock, mock_addr = start([build / "mock-openai", "--listen", "127.0.0.1:0"], "stdout", workdir / "mock.log")
         sluice, sluice_addr = start(
             [build / "sluice", "--listen", "127.0.0.1:0", "--upstream", f"http://{mock_addr}", "--config", str(config)],
-            "stderr", workdir / "sluice.log", env={"RUST_LOG": "warn"},
+            "stderr", workdir / "sluice.log", env={"RUST_LOG": "info,sluice::access=warn"},
         )
         try:
             asyncio.run(run(args, sluice.pid, sluice_addr, mock_addr))
