@@ -296,17 +296,15 @@ impl Table {
             .orgs
             .iter()
             .flat_map(|(org, models)| {
-                models.iter().filter_map(move |(model, slot)| {
-                    (Arc::strong_count(&slot.queue) == 1 && !slot.queue.is_configured()).then(
-                        || {
-                            (
-                                slot.used.load(Ordering::Relaxed),
-                                Arc::clone(org),
-                                Arc::clone(model),
-                            )
-                        },
-                    )
-                })
+                models
+                    .iter()
+                    .filter(|(_, slot)| {
+                        Arc::strong_count(&slot.queue) == 1 && !slot.queue.is_configured()
+                    })
+                    .map(move |(model, slot)| {
+                        let used = slot.used.load(Ordering::Relaxed);
+                        (used, Arc::clone(org), Arc::clone(model))
+                    })
             })
             .collect();
         if idle.len() > batch {
