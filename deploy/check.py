@@ -46,6 +46,9 @@ COUNTERS_AND_GAUGES = {
     "sluice_config_last_reload_successful": set(),
     "sluice_config_last_reload_success_timestamp_seconds": set(),
     "sluice_build_info": {"version"},
+    "sluice_buckets": set(),
+    "sluice_buckets_evicted_total": set(),
+    "sluice_bucket_cap_reached_total": {"outcome"},
 }
 HISTOGRAMS = {
     "sluice_queue_wait_seconds": {"org", "model"},

@@ -105,17 +105,12 @@ impl AccessRecord {
             .inc();
     }
 
-    /// The `org` and `model` metric labels of this exchange (capped; `none` when unknown).
+    /// The `org` and `model` metric labels of this exchange (bounded as pairs, see
+    /// [`Metrics::labels`]; `none` when unknown).
     fn labels(&self) -> (&str, &str) {
-        let org = self
-            .org
-            .as_deref()
-            .map_or("none", |org| self.metrics.org(org));
-        let model = self
-            .model
-            .as_deref()
-            .map_or("none", |model| self.metrics.model(model));
-        (org, model)
+        let org = self.org.as_deref().unwrap_or("none");
+        let model = self.model.as_deref().unwrap_or("none");
+        self.metrics.labels(org, model)
     }
 
     pub fn usage(&mut self, prompt_tokens: u64, completion_tokens: u64) {

@@ -3,14 +3,15 @@
 //!
 //! Label values are bounded: `endpoint` comes from [`crate::endpoint::Endpoint`], `status`
 //! from HTTP status codes, reasons from fixed lists, and `org` and `model` from what requests
-//! name, admitted up to [`MAX_ORG_LABELS`] / [`MAX_MODEL_LABELS`] distinct values and `other`
-//! beyond. Never a key: an org without a configured name is `key-` plus a hash prefix.
+//! name, bounded as pairs: see [`Metrics::labels`]. Never a key: an org without a configured
+//! name is `key-` plus a hash prefix.
 //!
 //! Counters and histograms are recorded as requests run; the gauges describing buckets (the
-//! upstream's last rate-limit headers, sluice's own view, queue depth, circuit) are read from
-//! the buckets when `/metrics` is scraped, so keeping them costs requests nothing.
+//! upstream's last rate-limit headers, sluice's own view, queue depth, circuit) and the bucket
+//! table's figures are read when `/metrics` is scraped, so keeping them costs requests nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use prometheus::{
@@ -20,6 +21,7 @@ use prometheus::{
 
 use crate::limiter::bucket::Resource;
 use crate::limiter::gate::Circuit;
+use crate::limiter::BucketCounts;
 use crate::queue::BucketQueue;
 
 /// Buckets from 1 ms to 10 min: upstream calls range from cached embeddings to long
@@ -39,8 +41,18 @@ const RATIO_BUCKETS: &[f64] = &[
     0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0, 1.01, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0,
 ];
 
+/// Distinct automatic org names (`key-...`) with labels of their own.
 pub const MAX_ORG_LABELS: usize = 200;
+/// Distinct model names of automatic orgs with labels of their own.
 pub const MAX_MODEL_LABELS: usize = 100;
+/// (org, model) label pairs with series of their own. A pair used at one endpoint with three
+/// statuses holds some 75 series (most of them histogram buckets): 1,000 such pairs render
+/// 76k series, 7 MB, where the 200 x 100 the per-value caps alone allowed made 1.26M series
+/// and a 120 MB scrape.
+pub const MAX_LABEL_PAIRS: usize = 1_000;
+
+/// The fold of pairs beyond the caps.
+const OTHER: &str = "other";
 
 /// Distinct values a label may take, then `other`.
 struct LabelCap {
@@ -79,11 +91,74 @@ impl LabelCap {
         }
     }
 
+    #[cfg(test)]
     fn admitted(&self, value: &str) -> bool {
         self.seen
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .contains(value)
+    }
+}
+
+/// Models by org, and how many pairs they make.
+type Pairs = (HashMap<Box<str>, HashSet<Box<str>>>, usize);
+
+/// (org, model) pairs admitted to label series, up to a bound.
+struct LabelPairs {
+    seen: RwLock<Pairs>,
+    max: usize,
+    /// Whether reaching the bound was logged (once: the fold is the steady state after).
+    logged: AtomicBool,
+}
+
+impl LabelPairs {
+    fn new(max: usize) -> Self {
+        Self {
+            seen: RwLock::new((HashMap::new(), 0)),
+            max,
+            logged: AtomicBool::new(false),
+        }
+    }
+
+    fn contains(&self, org: &str, model: &str) -> bool {
+        self.seen
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .0
+            .get(org)
+            .is_some_and(|models| models.contains(model))
+    }
+
+    /// Admits (org, model) while fewer than `limit` pairs are admitted; whether it is.
+    fn admit(&self, org: &str, model: &str, limit: usize) -> bool {
+        if self.contains(org, model) {
+            return true;
+        }
+        let mut seen = self
+            .seen
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (pairs, count) = &mut *seen;
+        if pairs.get(org).is_some_and(|models| models.contains(model)) {
+            return true;
+        }
+        if *count >= limit {
+            drop(seen);
+            if !self.logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    max_pairs = self.max,
+                    org,
+                    model,
+                    "metric label pairs reached their bound: further (org, model) pairs are \
+                     counted under model=\"other\" (configured orgs) or org=\"other\", \
+                     model=\"other\" (automatic key- orgs)"
+                );
+            }
+            return false;
+        }
+        pairs.entry(org.into()).or_default().insert(model.into());
+        *count += 1;
+        true
     }
 }
 
@@ -118,8 +193,12 @@ pub struct Metrics {
     bucket_available: GaugeVec,
     circuit_open: IntGaugeVec,
     queue_depth: IntGaugeVec,
+    buckets: IntGauge,
+    buckets_evicted: IntCounter,
+    bucket_cap_reached: IntCounterVec,
     orgs: LabelCap,
     models: LabelCap,
+    pairs: LabelPairs,
     /// Held while a scrape refreshes the bucket gauges and reads them: two concurrent scrapes
     /// would otherwise see each other's half-reset families.
     scrape: std::sync::Mutex<()>,
@@ -175,6 +254,10 @@ fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_pair_bound(MAX_LABEL_PAIRS)
+    }
+
+    fn with_pair_bound(max_pairs: usize) -> Self {
         let r = Registry::new();
         let bucket = &["org", "model", "resource"];
         let in_flight = IntGauge::new(
@@ -237,6 +320,32 @@ impl Metrics {
         config_loaded_at.set(unix_now());
         r.register(Box::new(config_loaded_at.clone()))
             .expect("metric names are unique");
+        let buckets = IntGauge::new(
+            "sluice_buckets",
+            "(org, model) buckets sluice keeps now (bounded by queue.max_buckets, which \
+             configured buckets may exceed).",
+        )
+        .expect("static definition");
+        r.register(Box::new(buckets.clone()))
+            .expect("metric names are unique");
+        let buckets_evicted = IntCounter::new(
+            "sluice_buckets_evicted_total",
+            "Idle learned buckets evicted to stay within queue.max_buckets.",
+        )
+        .expect("static definition");
+        r.register(Box::new(buckets_evicted.clone()))
+            .expect("metric names are unique");
+        let bucket_cap_reached = counter(
+            &r,
+            "sluice_bucket_cap_reached_total",
+            "Requests that needed a new bucket with queue.max_buckets reached and no learned \
+             bucket idle, by outcome (unmetered: an unconfigured pair forwarded without a \
+             bucket; beyond_cap: a configured pair given its bucket anyway).",
+            &["outcome"],
+        );
+        for outcome in ["unmetered", "beyond_cap"] {
+            bucket_cap_reached.with_label_values(&[outcome]);
+        }
         Self {
             requests: counter(
                 &r,
@@ -347,20 +456,65 @@ impl Metrics {
                 &["org", "model", "priority"],
             ),
             registry: r,
+            buckets,
+            buckets_evicted,
+            bucket_cap_reached,
             orgs: LabelCap::new(MAX_ORG_LABELS),
             models: LabelCap::new(MAX_MODEL_LABELS),
+            pairs: LabelPairs::new(max_pairs),
             scrape: std::sync::Mutex::new(()),
         }
     }
 
-    /// The `org` label for an org name (its own name until the cap, then `other`).
-    pub fn org<'a>(&self, org: &'a str) -> &'a str {
-        self.orgs.get(org)
+    /// The `org` and `model` labels of a request of `org` for `model`: their own names while
+    /// the pair is among the [`MAX_LABEL_PAIRS`] admitted, first come first served, then a
+    /// fold, so the series (and the memory holding them) stay bounded whatever names requests
+    /// bring.
+    ///
+    /// Automatic orgs (`key-` plus a hash of a key: anyone can make up keys) may fill only
+    /// half the pairs, and only with the first [`MAX_ORG_LABELS`] names and
+    /// [`MAX_MODEL_LABELS`] models they bring, so a flood of made-up keys leaves room for the
+    /// configured orgs (whose names only the configuration makes); beyond, they fold into
+    /// (`other`, `other`). A configured org's pairs fold into (its name, `other`), bounded by
+    /// the configuration.
+    pub fn labels<'a>(&self, org: &'a str, model: &'a str) -> (&'a str, &'a str) {
+        if self.pairs.contains(org, model) {
+            return (org, model);
+        }
+        if crate::org::is_automatic(org) {
+            let admitted = self.orgs.get(org) != OTHER
+                && self.models.get(model) != OTHER
+                && self.pairs.admit(org, model, self.pairs.max / 2);
+            if admitted {
+                (org, model)
+            } else {
+                (OTHER, OTHER)
+            }
+        } else if self.pairs.admit(org, model, self.pairs.max) {
+            (org, model)
+        } else {
+            (org, OTHER)
+        }
     }
 
-    /// The `model` label for a model name (its own name until the cap, then `other`).
-    pub fn model<'a>(&self, model: &'a str) -> &'a str {
-        self.models.get(model)
+    /// Takes the bucket table's figures for the next scrape.
+    pub fn bucket_counts(&self, counts: BucketCounts) {
+        // Under the scrape lock: two scrapes adding the same difference would count it twice.
+        let _scrape = self
+            .scrape
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.buckets
+            .set(i64::try_from(counts.buckets).unwrap_or(i64::MAX));
+        self.buckets_evicted
+            .inc_by(counts.evicted.saturating_sub(self.buckets_evicted.get()));
+        for (outcome, total) in [
+            ("unmetered", counts.unmetered),
+            ("beyond_cap", counts.beyond_cap),
+        ] {
+            let counter = self.bucket_cap_reached.with_label_values(&[outcome]);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// Reads every bucket into the gauges, then renders the Prometheus text exposition.
@@ -402,9 +556,9 @@ impl Metrics {
         self.circuit_open.reset();
         self.queue_depth.reset();
         for queue in buckets {
-            // Buckets beyond the label caps share no series: they are left out rather than
+            // Buckets beyond the label bounds share no series: they are left out rather than
             // overwrite each other under `other`.
-            if !self.orgs.admitted(&queue.org) || !self.models.admitted(&queue.model) {
+            if !self.pairs.contains(&queue.org, &queue.model) {
                 continue;
             }
             let org: &str = &queue.org;
@@ -495,5 +649,43 @@ mod tests {
         assert_eq!(cap.get("c"), "other");
         assert_eq!(cap.get("a"), "a");
         assert!(!cap.admitted("c"));
+    }
+
+    #[test]
+    fn label_pairs_are_bounded_and_leave_room_for_configured_orgs() {
+        let metrics = Metrics::with_pair_bound(4);
+        // Automatic orgs take at most half the pairs...
+        assert_eq!(metrics.labels("key-1", "a"), ("key-1", "a"));
+        assert_eq!(metrics.labels("key-1", "b"), ("key-1", "b"));
+        assert_eq!(metrics.labels("key-2", "a"), ("other", "other"));
+        // ...so configured ones, arriving later, still get theirs.
+        assert_eq!(metrics.labels("acme", "a"), ("acme", "a"));
+        assert_eq!(metrics.labels("acme", "b"), ("acme", "b"));
+        // Beyond the bound a configured org keeps its name; pairs admitted stay.
+        assert_eq!(metrics.labels("acme", "c"), ("acme", "other"));
+        assert_eq!(metrics.labels("key-1", "a"), ("key-1", "a"));
+        assert_eq!(metrics.labels("acme", "a"), ("acme", "a"));
+    }
+
+    #[test]
+    fn bucket_counts_become_counters() {
+        let metrics = Metrics::new();
+        let counts = BucketCounts {
+            buckets: 7,
+            evicted: 3,
+            unmetered: 2,
+            beyond_cap: 1,
+        };
+        metrics.bucket_counts(counts);
+        metrics.bucket_counts(counts);
+        let text = metrics.render(&[]);
+        for line in [
+            "sluice_buckets 7",
+            "sluice_buckets_evicted_total 3",
+            "sluice_bucket_cap_reached_total{outcome=\"unmetered\"} 2",
+            "sluice_bucket_cap_reached_total{outcome=\"beyond_cap\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 }

@@ -22,6 +22,16 @@ use crate::queue::Priority;
 /// they are forwarded uncharged so the client sees the upstream's own 401).
 pub const ANONYMOUS: &str = "anonymous";
 
+/// Whether `org` names an automatic org (`key-` plus a hash prefix of a key): one per key,
+/// so as many as the keys clients make up. Configured names never take this form (the
+/// configuration rejects them).
+pub fn is_automatic(org: &str) -> bool {
+    org.starts_with(AUTOMATIC_PREFIX)
+}
+
+/// What an automatic org's name starts with.
+const AUTOMATIC_PREFIX: &str = "key-";
+
 /// The org a request belongs to.
 #[derive(Clone, Debug)]
 pub struct Identity {
@@ -140,7 +150,7 @@ impl Orgs {
                 let name = match &key_hash {
                     Some(hash) => {
                         let mut name = String::with_capacity(12);
-                        name.push_str("key-");
+                        name.push_str(AUTOMATIC_PREFIX);
                         name.push_str(&hex_prefix(hash));
                         name
                     }

@@ -198,11 +198,25 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// Rendered on the blocking pool: reading every bucket and encoding the text takes time in
+/// proportion to the series (seconds for the 1.26M that per-value label caps once allowed),
+/// which on a worker's event loop would stall every request it serves.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let mut response = state
-        .metrics
-        .render(&state.limiter.buckets())
-        .into_response();
+    let metrics = Arc::clone(&state.metrics);
+    let counts = state.limiter.counts();
+    let buckets = state.limiter.buckets();
+    let rendered = tokio::task::spawn_blocking(move || {
+        metrics.bucket_counts(counts);
+        metrics.render(&buckets)
+    })
+    .await;
+    let text = match rendered {
+        Ok(text) => text,
+        Err(err) => {
+            return ProxyError::Internal(format!("metrics rendering failed: {err}")).into_response()
+        }
+    };
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
