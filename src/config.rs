@@ -29,6 +29,16 @@ const DEFAULT_TOTAL_TIMEOUT_SECS: f64 = 3600.0;
 /// 32 MiB: well above the largest chat request the API accepts with inline images.
 const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 const DEFAULT_DRAIN_TIMEOUT_SECS: f64 = 30.0;
+/// Twice what a slow mobile link needs for a request's headers, and four times the SDKs' own
+/// idle keep-alive expiry (httpx 5 s), so a pooled connection is the client's to close: a
+/// server closing first races the client's next request on it.
+const DEFAULT_HEADER_READ_TIMEOUT_SECS: f64 = 20.0;
+const DEFAULT_BODY_READ_TIMEOUT_SECS: f64 = 20.0;
+/// Far above a sidecar's traffic, below the open-files limit sluice raises itself to (and
+/// each request also holds an upstream connection).
+const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
+/// HTTP/2's recommended minimum; each stream may hold an upstream connection.
+const DEFAULT_HTTP2_MAX_STREAMS: u32 = 100;
 /// 256 MiB: eight bodies of the largest default size at once. Bodies beyond it wait (briefly)
 /// for room instead of growing the process past what a sidecar's memory limit allows.
 const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 256 * 1024 * 1024;
@@ -233,7 +243,22 @@ pub struct ServerConfig {
     pub config_watch: Option<Duration>,
     /// Event-loop threads, each serving the connections it accepts from its own socket.
     pub workers: usize,
+    /// HTTP/1: the longest a client may take to send a request's headers, counted from the
+    /// moment the connection waits for a request, so it is also the idle keep-alive timeout.
+    pub header_read_timeout: Duration,
+    /// The longest gap between two pieces of a body read whole; the whole body must also
+    /// arrive at [`MIN_BODY_RATE`] bytes a second past this grace.
+    pub body_read_timeout: Duration,
+    /// Client connections open at once, over all workers; beyond it new ones are closed at
+    /// once (counted and logged).
+    pub max_connections: usize,
+    /// Requests one HTTP/2 connection may have in flight at once.
+    pub http2_max_concurrent_streams: u32,
 }
+
+/// The slowest average rate a body read whole may arrive at, past `body_read_timeout`: 64 KiB
+/// a second takes a 32 MiB body in about 8 minutes, and cuts a body dripped a byte a second.
+pub const MIN_BODY_RATE: u64 = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -371,6 +396,10 @@ struct RawServer {
     drain_timeout_secs: Option<f64>,
     config_watch_secs: Option<f64>,
     workers: Option<u64>,
+    header_read_timeout_secs: Option<f64>,
+    body_read_timeout_secs: Option<f64>,
+    max_connections: Option<u64>,
+    http2_max_concurrent_streams: Option<u32>,
 }
 
 /// One problem with the configuration, named by the key path it concerns.
@@ -454,6 +483,15 @@ impl Config {
         keep!(metrics_listen, "metrics_listen");
         keep!(log_format, "log_format");
         keep!(server.workers, "server.workers");
+        keep!(
+            server.header_read_timeout,
+            "server.header_read_timeout_secs"
+        );
+        keep!(server.max_connections, "server.max_connections");
+        keep!(
+            server.http2_max_concurrent_streams,
+            "server.http2_max_concurrent_streams"
+        );
         keep!(
             server.max_buffered_body_bytes,
             "server.max_buffered_body_bytes"
@@ -630,6 +668,46 @@ fn validate(
         }
     };
 
+    let header_read_timeout = seconds(
+        &mut issues,
+        "server.header_read_timeout_secs",
+        raw.server.header_read_timeout_secs,
+        DEFAULT_HEADER_READ_TIMEOUT_SECS,
+    );
+    let body_read_timeout = seconds(
+        &mut issues,
+        "server.body_read_timeout_secs",
+        raw.server.body_read_timeout_secs,
+        DEFAULT_BODY_READ_TIMEOUT_SECS,
+    );
+    let max_connections = match raw
+        .server
+        .max_connections
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+    {
+        n @ 1..=1_000_000 => n as usize,
+        n => {
+            issues.add(
+                "server.max_connections",
+                format!("{n} is out of range: use 1 to 1000000"),
+            );
+            1
+        }
+    };
+    let http2_max_concurrent_streams = match raw
+        .server
+        .http2_max_concurrent_streams
+        .unwrap_or(DEFAULT_HTTP2_MAX_STREAMS)
+    {
+        n @ 1..=10_000 => n,
+        n => {
+            issues.add(
+                "server.http2_max_concurrent_streams",
+                format!("{n} is out of range: use 1 to 10000"),
+            );
+            1
+        }
+    };
     let max_body = raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
     let max_body_bytes = match usize::try_from(max_body) {
         Ok(n) if n >= 1024 => n,
@@ -740,7 +818,7 @@ fn validate(
         .allow_unauthenticated
         .or(raw.allow_unauthenticated)
         .unwrap_or(false);
-    if !listen.ip().is_loopback() && !require_client_tokens && !allow_unauthenticated {
+    if !is_loopback(listen.ip()) && !require_client_tokens && !allow_unauthenticated {
         issues.add(
             listen_key,
             format!(
@@ -779,6 +857,10 @@ fn validate(
             drain_timeout,
             config_watch,
             workers,
+            header_read_timeout,
+            body_read_timeout,
+            max_connections,
+            http2_max_concurrent_streams,
         },
         queue: QueueConfig {
             max_wait,
@@ -880,6 +962,16 @@ fn seconds(issues: &mut Issues, key: &str, value: Option<f64>, default: f64) -> 
         return Duration::from_secs_f64(default);
     }
     Duration::from_secs_f64(value)
+}
+
+/// Loopback, IPv4-mapped IPv6 loopback (`[::ffff:127.0.0.1]`) included.
+pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
 }
 
 /// Org names label metrics: short, plain, and never in the automatic `key-` namespace.
@@ -1298,6 +1390,24 @@ mod tests {
         assert_eq!(next.queue.max_depth, 20);
         assert_eq!(next.retry.max_attempts, 3);
         assert!(next.clone().keep_restart_only(&next).is_empty());
+    }
+
+    #[test]
+    fn ipv4_mapped_loopback_is_loopback() {
+        for (addr, loopback) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("::ffff:10.0.0.1", false),
+            ("0.0.0.0", false),
+            ("::", false),
+        ] {
+            assert_eq!(
+                is_loopback(addr.parse().expect("an address")),
+                loopback,
+                "{addr}"
+            );
+        }
     }
 
     #[test]

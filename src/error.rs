@@ -28,6 +28,11 @@ pub enum Fault {
 pub enum ProxyError {
     #[error("no route for {path}")]
     UnknownPath { path: String },
+    #[error("{path} is served on the metrics listener")]
+    ServedElsewhere {
+        path: String,
+        addr: Option<std::net::SocketAddr>,
+    },
     #[error("path {path:?} has {reason}")]
     InvalidPath {
         path: String,
@@ -37,6 +42,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body arrived too slowly (server.body_read_timeout_secs = {0:?})")]
+    BodyTimeout(Duration),
     #[error("request bodies buffered at once would exceed {limit} bytes")]
     BodyBufferFull { limit: usize },
     #[error("upstream unreachable: {0}")]
@@ -76,11 +83,12 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::UnknownPath { .. } => StatusCode::NOT_FOUND,
+            Self::UnknownPath { .. } | Self::ServedElsewhere { .. } => StatusCode::NOT_FOUND,
             Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::BodyBufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -96,11 +104,12 @@ impl ProxyError {
     /// A stable, low-cardinality name for metrics and logs, also sent as the error `code`.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::UnknownPath { .. } => "unknown_url",
+            Self::UnknownPath { .. } | Self::ServedElsewhere { .. } => "unknown_url",
             Self::InvalidPath { .. } => "invalid_path",
             Self::BodyTooLarge { .. } => "request_body_too_large",
             Self::BodyRead(_) => "request_body_unreadable",
             Self::BodyBufferFull { .. } => "body_buffer_full",
+            Self::BodyTimeout(_) => "request_timeout",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed(_) => "upstream_failed",
@@ -121,7 +130,7 @@ impl ProxyError {
     /// How long a client should wait before retrying, when that is known.
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::BodyBufferFull { .. } => Some(Duration::from_secs(1)),
+            Self::BodyBufferFull { .. } | Self::ShuttingDown => Some(Duration::from_secs(1)),
             Self::Rejected { rejection, .. } => match rejection {
                 Rejection::TooLarge { .. } => None,
                 Rejection::Deadline { wait, .. } | Rejection::QueueFull { wait, .. } => {
@@ -135,9 +144,11 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         match self {
             Self::UnknownPath { .. }
+            | Self::ServedElsewhere { .. }
             | Self::InvalidPath { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyRead(_)
+            | Self::BodyTimeout(_)
             | Self::Unauthenticated => Fault::Client,
             Self::UpstreamUnreachable(_) | Self::UpstreamTimeout(_) | Self::UpstreamFailed(_) => {
                 Fault::Upstream
@@ -172,6 +183,11 @@ impl ProxyError {
                  (set your client's base URL to http://<sluice-address>/v1), and serves \
                  /healthz, /readyz and /metrics."
             ),
+            Self::ServedElsewhere { path, addr } => format!(
+                "{path} is served only on sluice's metrics listener ({}), not on the one \
+                 applications use (metrics_listen in the sluice config).",
+                addr.map_or_else(|| "metrics_listen".to_owned(), |addr| addr.to_string())
+            ),
             Self::InvalidPath { path, reason } => format!(
                 "sluice refuses the request path {path:?}: it has {reason}, so it has no one \
                  meaning that sluice and the upstream would both read. Send the API's own \
@@ -181,6 +197,11 @@ impl ProxyError {
                 "The request body is larger than sluice's limit of {limit} bytes for this \
                  endpoint. Send a smaller request, or raise server.max_body_bytes in the \
                  sluice config."
+            ),
+            Self::BodyTimeout(grace) => format!(
+                "The request body arrived too slowly: sluice waits at most {grace:?} between \
+                 two pieces of a body, and the whole body must arrive at 64 KiB/s or faster \
+                 past that (server.body_read_timeout_secs). Send the body at once."
             ),
             Self::BodyBufferFull { limit } => format!(
                 "sluice is already holding {limit} bytes of other requests' bodies \

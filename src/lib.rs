@@ -56,7 +56,7 @@ pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
+) -> Result<server::Drain, StartError> {
     run_workers(listener, Vec::new(), config, shutdown).await
 }
 
@@ -69,7 +69,7 @@ pub async fn run_workers(
     more: Vec<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
+) -> Result<server::Drain, StartError> {
     let metrics_listen = config.metrics_listen;
     let source = config.source.clone();
     let upstream = config.upstream.base_url.clone();
@@ -123,9 +123,10 @@ pub async fn run_workers(
     let mut result = served;
     for worker in started {
         let ended = worker.join().await;
-        if result.is_ok() {
-            result = ended;
-        }
+        result = match (result, ended) {
+            (Ok(a), Ok(b)) => Ok(a.and(b)),
+            (Err(err), _) | (_, Err(err)) => Err(err),
+        };
     }
     reloader.abort();
     if let Some(ops) = ops {

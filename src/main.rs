@@ -124,6 +124,7 @@ fn main() -> ExitCode {
     };
     // Dropped at the end of main, which flushes every log line still queued.
     let _log_writer = init_tracing(config.log_format);
+    raise_open_files_limit();
 
     // The main thread is the first worker; it also runs the signal handlers, the reload
     // watcher and the metrics listener.
@@ -140,6 +141,8 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(serve(config));
+    // Exchanges the drain timeout cut end here, with the runtime, and log their lines.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     // Access lines still waiting for their writer thread, before the log's own flush.
     sluice::access::flush();
     code
@@ -161,11 +164,31 @@ async fn serve(config: Config) -> ExitCode {
         return ExitCode::FAILURE;
     };
     match sluice::run_workers(first, listeners.collect(), config, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(sluice::server::Drain::Complete) => ExitCode::SUCCESS,
+        Ok(sluice::server::Drain::Cut { connections }) => {
+            tracing::warn!(
+                connections,
+                "exiting with code {DRAIN_CUT}: the drain timeout cut requests in flight"
+            );
+            ExitCode::from(DRAIN_CUT)
+        }
         Err(err) => {
             tracing::error!("{err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The exit code when the drain timeout cut exchanges still in flight (1 is a failure to run,
+/// 2 a bad configuration): an orchestrator can tell a clean stop from a cut one.
+const DRAIN_CUT: u8 = 3;
+
+/// Every connection takes a descriptor (and a proxied one two): the soft limit, often 1024,
+/// is raised to the hard one, so `server.max_connections` binds before the kernel does.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(err) => tracing::warn!(error = %err, "could not raise the open files limit"),
     }
 }
 

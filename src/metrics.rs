@@ -187,6 +187,10 @@ pub struct Metrics {
     /// When the configuration in force was loaded (Unix seconds).
     pub config_loaded_at: prometheus::Gauge,
     pub header_errors: IntCounter,
+    /// Client connections open now, over all workers.
+    pub connections_open: IntGauge,
+    /// Client connections closed at accept because `server.max_connections` were open.
+    pub connections_refused: IntCounter,
     ratelimit_limit: GaugeVec,
     ratelimit_remaining: GaugeVec,
     ratelimit_reset: GaugeVec,
@@ -283,6 +287,18 @@ impl Metrics {
         )
         .expect("static definition");
         r.register(Box::new(header_errors.clone()))
+            .expect("metric names are unique");
+        let connections_open =
+            IntGauge::new("sluice_connections_open", "Client connections open now.")
+                .expect("static definition");
+        r.register(Box::new(connections_open.clone()))
+            .expect("metric names are unique");
+        let connections_refused = IntCounter::new(
+            "sluice_connections_refused_total",
+            "Client connections closed at once because server.max_connections were open.",
+        )
+        .expect("static definition");
+        r.register(Box::new(connections_refused.clone()))
             .expect("metric names are unique");
         let build_info = int_gauge(
             &r,
@@ -419,6 +435,8 @@ impl Metrics {
             config_last_reload_ok,
             config_loaded_at,
             header_errors,
+            connections_open,
+            connections_refused,
             ratelimit_limit: gauge(
                 &r,
                 "sluice_upstream_ratelimit_limit",

@@ -210,14 +210,7 @@ async fn forward(
         ));
     }
     // Held until the exchange is over: the body's bytes live that long.
-    let (mut body, _held) = read_body(
-        state,
-        endpoint,
-        &parts.headers,
-        body,
-        live.config.server.max_body_bytes,
-    )
-    .await?;
+    let (mut body, _held) = read_body(state, endpoint, &parts.headers, body, &live.config).await?;
 
     let deadline = deadline(&parts.headers, &live.config.queue, Instant::now());
     let mut admission = None;
@@ -700,7 +693,7 @@ async fn read_body(
     endpoint: Endpoint,
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
+    config: &Config,
 ) -> Result<(RequestBody, Option<Held>), ProxyError> {
     if !endpoint.reads_body() {
         return Ok((RequestBody::Streaming(body), None));
@@ -709,7 +702,15 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    let (bytes, held) = state.body_budget.read(body, declared, limit).await?;
+    let (bytes, held) = state
+        .body_budget
+        .read(
+            body,
+            declared,
+            config.server.max_body_bytes,
+            config.server.body_read_timeout,
+        )
+        .await?;
     Ok((RequestBody::Read(bytes), Some(held)))
 }
 
@@ -750,24 +751,28 @@ async fn admit(
         .and_then(|org| org.limits_for(&estimate.model))
         .unwrap_or_default();
     let cost = Cost::request(estimate.total());
-    let reservation = state
-        .limiter
-        .admit(
-            &identity.org,
-            &estimate.model,
-            limits,
-            live.generation,
-            live.config.upstream.learn_limits,
-            cost,
-            identity.priority,
-            deadline,
-        )
-        .await
-        .map_err(|rejection| ProxyError::Rejected {
-            org: identity.org.to_string(),
-            model: estimate.model.clone(),
-            rejection,
-        })?;
+    let admitting = state.limiter.admit(
+        &identity.org,
+        &estimate.model,
+        limits,
+        live.generation,
+        live.config.upstream.learn_limits,
+        cost,
+        identity.priority,
+        deadline,
+    );
+    // Once sluice drains, a request that cannot go at once is answered now, while its client
+    // can still retry it against another replica, instead of being cut at the drain's end.
+    let admitted = tokio::select! {
+        biased;
+        admitted = admitting => admitted,
+        () = state.drained() => return Err(ProxyError::ShuttingDown),
+    };
+    let reservation = admitted.map_err(|rejection| ProxyError::Rejected {
+        org: identity.org.to_string(),
+        model: estimate.model.clone(),
+        rejection,
+    })?;
     let Some(reservation) = reservation else {
         return Ok(None);
     };

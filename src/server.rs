@@ -1,16 +1,18 @@
 //! The HTTP server: shared state, the router, the operational endpoints, and graceful drain.
 
-use std::future::{Future, IntoFuture};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use http::{header, HeaderValue};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -77,6 +79,10 @@ pub struct AppState {
     /// Bounds the request bodies read whole at once.
     pub body_budget: crate::body_budget::BodyBudget,
     draining: AtomicBool,
+    /// Woken when the drain begins: queued requests stop waiting for admission.
+    drain_started: tokio::sync::watch::Sender<bool>,
+    /// Client connections open now, over all workers (see `server.max_connections`).
+    connections: AtomicUsize,
 }
 
 /// The BPE tables take a moment to build and never change: built once per process and
@@ -111,7 +117,24 @@ impl AppState {
             body_budget: crate::body_budget::BodyBudget::new(config.server.max_buffered_body_bytes),
             live: RwLock::new(Arc::new(Live::new(config, 0))),
             draining: AtomicBool::new(false),
+            drain_started: tokio::sync::watch::channel(false).0,
+            connections: AtomicUsize::new(0),
         })
+    }
+
+    /// Stops readiness and wakes every request still waiting for admission (see
+    /// [`AppState::drained`]).
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.drain_started.send_replace(true);
+    }
+
+    /// Resolves once the drain has begun (at once if it has).
+    pub fn drained(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut receiver = self.drain_started.subscribe();
+        async move {
+            let _ = receiver.wait_for(|draining| *draining).await;
+        }
     }
 
     /// The configuration in force now.
@@ -164,14 +187,32 @@ pub enum StartError {
 }
 
 /// The router: operational endpoints, and everything else through the proxy.
+///
+/// With a separate metrics address (`metrics_listen`), `/metrics` and `/status` (org names,
+/// limits, the upstream URL) are served only there: this listener may be open to every
+/// application, and its tokens do not guard those pages.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/status", get(status))
-        .fallback(proxy::proxy)
-        .with_state(state)
+        .route("/readyz", get(readyz));
+    let router = match state.live().config.metrics_listen {
+        Some(_) => router
+            .route("/metrics", get(elsewhere))
+            .route("/status", get(elsewhere)),
+        None => router
+            .route("/metrics", get(metrics))
+            .route("/status", get(status)),
+    };
+    router.fallback(proxy::proxy).with_state(state)
+}
+
+/// `/metrics` or `/status` asked of the main listener when they are served elsewhere.
+async fn elsewhere(State(state): State<Arc<AppState>>, uri: http::Uri) -> Response {
+    ProxyError::ServedElsewhere {
+        path: uri.path().to_owned(),
+        addr: state.live().config.metrics_listen,
+    }
+    .into_response()
 }
 
 /// The operational endpoints alone, for a separate metrics address (`metrics_listen`).
@@ -312,48 +353,194 @@ fn bucket_json(queue: &crate::queue::BucketQueue) -> serde_json::Value {
     })
 }
 
+/// How a server's drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Drain {
+    /// Every connection finished its exchanges within the drain timeout.
+    Complete,
+    /// The drain timeout cut these connections (and whatever they were still doing).
+    Cut { connections: usize },
+}
+
+impl Drain {
+    /// The drain of both: cut if either was.
+    pub fn and(self, other: Drain) -> Drain {
+        match (self, other) {
+            (Drain::Cut { connections: a }, Drain::Cut { connections: b }) => {
+                Drain::Cut { connections: a + b }
+            }
+            (cut @ Drain::Cut { .. }, _) | (_, cut @ Drain::Cut { .. }) => cut,
+            _ => Drain::Complete,
+        }
+    }
+}
+
+/// A pause after a failed accept (out of file descriptors, say), so the loop neither spins
+/// nor stops: the condition usually passes once connections close.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// At most one warning per this interval about refused connections or failed accepts.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// One open client connection, counted over every worker while it lives.
+struct Open(Arc<AppState>);
+
+impl Open {
+    /// Counts a new connection, or `None` when `server.max_connections` are open.
+    fn try_new(state: &Arc<AppState>, max: usize) -> Option<Open> {
+        let previous = state.connections.fetch_add(1, Ordering::AcqRel);
+        if previous >= max {
+            state.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        state.metrics.connections_open.inc();
+        Some(Open(Arc::clone(state)))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.connections_open.dec();
+    }
+}
+
+/// A warning that repeats at most every [`WARN_EVERY`], with how often it was due meanwhile.
+struct Throttled {
+    next: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    fn new() -> Self {
+        Self {
+            next: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log now; `Some(n)`: log, and `n` more happened since the last line.
+    fn due(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        if self.next.is_some_and(|next| now < next) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next = Some(now + WARN_EVERY);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// The HTTP/1 and HTTP/2 connection settings, from the configuration at start.
+fn connection_builder(config: &crate::config::ServerConfig) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // hyper runs this timer from the moment a connection waits for a request: it bounds
+        // a slowloris client's headers and an idle keep-alive connection alike.
+        .header_read_timeout(config.header_read_timeout);
+    // Not `half_close(true)`: TCP cannot tell a client that shut its write side from one that
+    // went away, and cancelling the upstream request of a client that left is what stops the
+    // provider generating (and billing) an answer nobody reads. nginx makes the same call.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        // Pings find dead peers of an otherwise silent connection.
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and
-/// streams finish for up to the configured drain timeout, and returns.
+/// streams finish for up to the configured drain timeout, and says whether it had to cut any.
+///
+/// Each connection is served by hyper with the header-read (and idle) timeout, HTTP/2 stream
+/// bound and half-close handling of [`connection_builder`]; connections beyond
+/// `server.max_connections` (over all workers) are closed as soon as they are accepted, so
+/// the process never runs out of descriptors for `/healthz` or its upstream connections.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    let (drain_started, drain_signal) = tokio::sync::oneshot::channel::<Duration>();
-    let draining_state = Arc::clone(&state);
-    // Small writes (SSE events, short JSON answers) must leave at once, not wait on Nagle's
-    // algorithm for the client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
+) -> Result<Drain, StartError> {
+    let server_config = state.live().config.server.clone();
+    let builder = connection_builder(&server_config);
+    let service = hyper_util::service::TowerToHyperService::new(app(Arc::clone(&state)));
+    let graceful = GracefulShutdown::new();
+    let mut refused = Throttled::new();
+    let mut failed = Throttled::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(err) => {
+                if let Some(more) = failed.due() {
+                    tracing::warn!(error = %err, more, "could not accept a connection; retrying");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(open) = Open::try_new(&state, server_config.max_connections) else {
+            state.metrics.connections_refused.inc();
+            if let Some(more) = refused.due() {
+                tracing::warn!(
+                    max_connections = server_config.max_connections,
+                    more,
+                    "connection limit reached (server.max_connections); closing new connections"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        // Small writes (SSE events, short JSON answers) must leave at once, not wait on
+        // Nagle's algorithm for the client's delayed ACK.
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(error = %err, "could not set TCP_NODELAY");
         }
-    });
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        draining_state.draining.store(true, Ordering::Relaxed);
-        // Read now: a reload may have changed it since the server started.
-        let drain_timeout = draining_state.live().config.server.drain_timeout;
-        tracing::info!(
-            drain_timeout_secs = drain_timeout.as_secs_f64(),
-            "shutdown requested: no new connections; draining in-flight requests"
-        );
-        let _ = drain_started.send(drain_timeout);
-    });
-    let deadline = async move {
-        if let Ok(drain_timeout) = drain_signal.await {
-            tokio::time::sleep(drain_timeout).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        result = server.into_future() => {
-            result.map_err(StartError::Serve)?;
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service.clone())
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "client connection ended with an error");
+            }
+            drop(open);
+        });
+    }
+
+    state.begin_drain();
+    // Read now: a reload may have changed it since the server started.
+    let drain_timeout = state.live().config.server.drain_timeout;
+    tracing::info!(
+        drain_timeout_secs = drain_timeout.as_secs_f64(),
+        "shutdown requested: no new connections; draining in-flight requests"
+    );
+    drop(listener);
+    let remaining = graceful.count();
+    match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
+        Ok(()) => {
             tracing::info!("drained; shutting down");
+            Ok(Drain::Complete)
         }
-        () = deadline => {
-            tracing::warn!("drain timeout elapsed with requests still in flight; closing them");
+        Err(_) => {
+            let connections = state
+                .connections
+                .load(Ordering::Acquire)
+                .min(remaining.max(1));
+            tracing::warn!(
+                connections,
+                "drain timeout elapsed with requests still in flight; closing them"
+            );
+            Ok(Drain::Cut { connections })
         }
     }
-    Ok(())
 }

@@ -98,12 +98,12 @@ impl Default for Stop {
 /// A running worker thread.
 pub struct Worker {
     index: usize,
-    ended: oneshot::Receiver<Result<(), StartError>>,
+    ended: oneshot::Receiver<Result<server::Drain, StartError>>,
 }
 
 impl Worker {
     /// Waits for the worker to drain and end.
-    pub async fn join(self) -> Result<(), StartError> {
+    pub async fn join(self) -> Result<server::Drain, StartError> {
         self.ended.await.unwrap_or_else(|_| {
             Err(StartError::Serve(io::Error::other(format!(
                 "worker {} stopped unexpectedly",
@@ -143,7 +143,7 @@ fn serve(
     listener: std::net::TcpListener,
     state: Arc<AppState>,
     stop: Stop,
-) -> Result<(), StartError> {
+) -> Result<server::Drain, StartError> {
     let runtime = runtime(Arc::clone(&state.tokenizers)).map_err(StartError::Serve)?;
     state.tokenizers.warm();
     runtime.block_on(async move {

@@ -15,7 +15,7 @@ pub const KEY: &str = "sk-test-0123456789abcdef0123456789abcdef";
 pub struct Sluice {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
-    pub task: JoinHandle<Result<(), sluice::StartError>>,
+    pub task: JoinHandle<Result<sluice::server::Drain, sluice::StartError>>,
 }
 
 impl Sluice {
