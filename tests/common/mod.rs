@@ -68,13 +68,18 @@ impl Sluice {
         }
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        let _drain = self.stop_drained().await;
+    }
+
+    /// Stops sluice and returns how its drain ended.
+    pub async fn stop_drained(mut self) -> sluice::server::Drain {
         self.begin_shutdown();
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .expect("sluice stops within its drain timeout")
             .expect("server task did not panic")
-            .expect("server ran without error");
+            .expect("server ran without error")
     }
 }
 
