@@ -661,11 +661,12 @@ async fn shutdown_drains_in_flight_streams() {
         text.ends_with("data: [DONE]\n\n"),
         "the stream finished: {text}"
     );
-    tokio::time::timeout(Duration::from_secs(5), sluice.task)
+    let drain = tokio::time::timeout(Duration::from_secs(5), sluice.task)
         .await
         .expect("run() returns once drained")
         .unwrap()
         .unwrap();
+    assert_eq!(drain, sluice::server::Drain::Complete);
     assert!(
         client()
             .get(format!("http://{}/healthz", sluice.addr))
@@ -697,9 +698,13 @@ async fn drain_timeout_bounds_shutdown() {
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();
     sluice.begin_shutdown();
-    tokio::time::timeout(Duration::from_secs(5), sluice.task)
+    let drain = tokio::time::timeout(Duration::from_secs(5), sluice.task)
         .await
         .expect("run() returns after the drain timeout, not after the 200 s stream")
         .unwrap()
         .unwrap();
+    assert!(
+        matches!(drain, sluice::server::Drain::Cut { connections: 1 }),
+        "{drain:?}"
+    );
 }
