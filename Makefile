@@ -2,12 +2,12 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test test-rust test-e2e test-deploy venv demo-mock demo bench
+.PHONY: test test-rust test-e2e test-deploy test-adversary venv demo-mock demo bench adversary
 
 ## Run every test: the Rust unit and integration tests, the SDK end-to-end tests, and the
 ## deploy/ files (compose, Kubernetes, alert rules with promtool, dashboard) checked against
 ## the binary.
-test: test-rust test-e2e test-deploy
+test: test-rust test-e2e test-deploy test-adversary
 
 test-rust:
 	@if cargo nextest --version >/dev/null 2>&1; then \
@@ -20,6 +20,17 @@ test-rust:
 test-e2e: venv
 	cargo build --workspace --bins
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/e2e
+
+## The adversarial-client run (bench/adversary.py) in its bounded form: slowloris, slow
+## bodies, idle keep-alives, half-close, path spellings, bucket and label floods, 1,000 queued.
+test-adversary:
+	cargo build --workspace --bins
+	$(PYTHON) bench/adversary.py --ci
+
+## The same at the issue's sizes (by hand: a few minutes).
+adversary:
+	cargo build --workspace --bins
+	$(PYTHON) bench/adversary.py
 
 ## promtool comes from Debian's prometheus package (.ci/run installs it).
 test-deploy: venv
