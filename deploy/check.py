@@ -431,10 +431,11 @@ INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}"
 
 
 def interpolate(value):
-    """Compose's ${VAR:-default} gives its default, ${VAR:?error} and ${VAR} a placeholder:
-    the check must not depend on the caller's environment."""
+    """Compose's ${VAR:-default} gives its default, ${VAR:?error} and ${VAR} a placeholder of
+    its own (distinct secrets stay distinct: sluice refuses a client token equal to a provider
+    key): the check must not depend on the caller's environment."""
     def one(match):
-        return match.group(3) if match.group(2) in (":-", "-") else PLACEHOLDER
+        return match.group(3) if match.group(2) in (":-", "-") else f"{PLACEHOLDER}-{match.group(1).lower()}"
     return INTERPOLATION.sub(one, str(value))
 
 

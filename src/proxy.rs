@@ -360,7 +360,20 @@ impl Exchange<'_> {
                 if let Some(admitted) = admission.as_mut() {
                     admitted.reservation.answered();
                 }
-                return Ok(Answer::streaming(response));
+                let mut answer = Answer::streaming(response);
+                // A JSON (or other whole) body that fails before its first byte still gets a
+                // 502 the client can read; an event stream is not held back (its first event
+                // may take long), and a break there ends with an error event instead.
+                if !is_event_stream(&answer.headers) {
+                    if let Either::Left(body) = &mut answer.body {
+                        body.prefetch().await.map_err(|err| {
+                            ProxyError::UpstreamFailed(format!(
+                                "the response body failed before its first byte: {err}"
+                            ))
+                        })?;
+                    }
+                }
+                return Ok(answer);
             }
             let error = read_error(response).await;
             let token_limit = limits
@@ -825,10 +838,7 @@ fn relay(
         mut headers,
         body,
     } = answer;
-    let is_sse = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("text/event-stream"));
+    let is_sse = is_event_stream(&headers);
     let tap = admission.as_ref().and_then(|admitted| {
         let endpoint = endpoint?;
         Some(if is_sse {
@@ -880,6 +890,13 @@ fn relay(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/event-stream"))
 }
 
 /// The reservation's exit once the upstream has answered.

@@ -165,11 +165,13 @@ async fn an_oversized_response_head_is_answered_502_and_never_resent() {
 
 #[tokio::test]
 async fn a_body_that_breaks_after_the_head_is_not_resent() {
+    // A JSON body that fails before its first byte: sluice had not sent the head yet, so the
+    // client gets a 502 it can read.
     row(
         Fault::StreamReset { after_events: 0 },
         5,
         false,
-        |seen| matches!(seen, Seen::Broken(200 | 0)),
+        upstream_failed,
         1,
     )
     .await;

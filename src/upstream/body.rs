@@ -30,6 +30,8 @@ pub struct TimedBody {
     /// drips: checked as each frame arrives (a silent body is the read timeout's).
     deadline: Instant,
     total: Duration,
+    /// A frame read ahead by [`TimedBody::prefetch`], handed out first.
+    prefetched: Option<Frame<Bytes>>,
 }
 
 impl TimedBody {
@@ -43,6 +45,22 @@ impl TimedBody {
             progressed: false,
             deadline,
             total,
+            prefetched: None,
+        }
+    }
+
+    /// Reads the first frame ahead, so that a body which fails before its first byte is an
+    /// error the caller can still answer with a status of its own: once the response head has
+    /// gone to the client, a broken body can only cut the connection.
+    pub async fn prefetch(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await;
+        match first {
+            Some(Ok(frame)) => {
+                self.prefetched = Some(frame);
+                Ok(())
+            }
+            Some(Err(err)) => Err(err),
+            None => Ok(()),
         }
     }
 }
@@ -66,6 +84,9 @@ impl Body for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        if let Some(frame) = this.prefetched.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(_))) if Instant::now() >= this.deadline => {
                 Poll::Ready(Some(Err(TotalTimeout(this.total).into())))
@@ -95,11 +116,22 @@ impl Body for TimedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefetched.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let ahead = self
+            .prefetched
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |data| data.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + ahead);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
     }
 }
 

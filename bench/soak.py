@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Soak run: mixed traffic with upstream faults for a fixed time, watching sluice for growth.
+
+Starts the built mock upstream and sluice on loopback, then for `--seconds` drives chat
+(JSON and streams), embeddings and responses requests from several threads, some clients
+hanging up mid-stream, while the mock is told every few seconds to fail in one of its ways
+(429s, 500s, connections closed after the request, streams reset, delays). Every 5 s it
+samples sluice's RSS and open descriptors, its queue depth and in-flight gauge, and prints
+a row. It fails (exit 1) when:
+  - RSS grows over the second half by more than `--rss-slope` MiB a minute (least squares),
+  - descriptors at the end exceed those at mid-run by more than 20,
+  - sluice dies, or a request gets no HTTP answer at all (a lost request),
+  - requests are still in flight or queued once traffic stops.
+
+    python3 bench/soak.py --seconds 1800     # by hand: 30 minutes
+    python3 bench/soak.py --seconds 120      # CI's bounded form (make soak-ci)
+
+Standard library only. Targets 127.0.0.1 only; stops by itself.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from load import start  # noqa: E402
+
+KEY = "sk-soak-acme-00000000000000000000000"
+FAULTS = [
+    {"kind": "rate_limit", "resource": "requests", "retry_after": True},
+    {"kind": "status", "status": 500},
+    {"kind": "close_connection"},
+    {"kind": "stream_reset", "after_events": 2},
+    {"kind": "delay", "ms": 300},
+    {"kind": "insufficient_quota"},
+]
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def metric(text, name):
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def slope_per_minute(samples):
+    """Least-squares slope of (seconds, value) samples, per minute."""
+    n = len(samples)
+    if n < 3:
+        return 0.0
+    mx = sum(t for t, _ in samples) / n
+    my = sum(v for _, v in samples) / n
+    var = sum((t - mx) ** 2 for t, _ in samples)
+    if var == 0:
+        return 0.0
+    return 60 * sum((t - mx) * (v - my) for t, v in samples) / var
+
+
+class Traffic:
+    def __init__(self, host, port, until):
+        self.host, self.port, self.until = host, port, until
+        self.lock = threading.Lock()
+        self.answers = {}
+        self.lost = 0
+
+    def count(self, key):
+        with self.lock:
+            self.answers[key] = self.answers.get(key, 0) + 1
+
+    def one(self, rng):
+        kind = rng.choice(["chat", "stream", "stream_hangup", "embeddings", "responses"])
+        if kind == "embeddings":
+            path, body = "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["soak"] * rng.randint(1, 8)}
+        elif kind == "responses":
+            path, body = "/v1/responses", {"model": "gpt-4o-mini", "input": "Say hello.", "max_output_tokens": 16}
+        else:
+            path = "/v1/chat/completions"
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi " * rng.randint(1, 200)}],
+                    "max_tokens": 16, "stream": kind != "chat"}
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            conn.request("POST", path, json.dumps(body), {
+                "authorization": f"Bearer {KEY}", "content-type": "application/json", "x-sluice-max-wait": "5"})
+            response = conn.getresponse()
+            if kind == "stream_hangup":
+                response.read(64)
+                conn.sock.close()
+                self.count("hung_up")
+                return
+            response.read()
+            self.count(response.status)
+        except (http.client.HTTPException, OSError):
+            # The mock's faults break streams mid-way by design; a request with no status line
+            # at all is a lost one.
+            self.count("broken")
+        finally:
+            conn.close()
+
+    def worker(self, seed):
+        rng = random.Random(seed)
+        while time.monotonic() < self.until:
+            self.one(rng)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--release", action="store_true", help="use target/release (default target/debug)")
+    parser.add_argument("--rss-slope", type=float, default=1.0, help="MiB per minute allowed over the second half")
+    args = parser.parse_args()
+    build = ROOT / "target" / ("release" if args.release else "debug")
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="sluice-soak-") as tmp:
+        workdir = Path(tmp)
+        config = workdir / "sluice.toml"
+        config.write_text(
+            "[retry]\nbackoff_base_secs = 0.05\nquota_cooldown_secs = 1\n"
+            f'[[org]]\nname = "acme"\nkeys = ["{KEY}"]\n[org.limits."*"]\nrpm = 6000\ntpm = 10000000\n'
+        )
+        mock, mock_addr = start([build / "mock-openai", "--listen", "127.0.0.1:0", "--chunk-delay-ms", "5"],
+                                "stdout", workdir / "mock.log")
+        sluice, sluice_addr = start(
+            [build / "sluice", "--listen", "127.0.0.1:0", "--upstream", f"http://{mock_addr}", "--config", str(config)],
+            "stderr", workdir / "sluice.log", env={"RUST_LOG": "info,sluice::access=warn"},
+        )
+        host, port = sluice_addr.split(":")
+        began = time.monotonic()
+        traffic = Traffic(host, int(port), began + args.seconds)
+        threads = [threading.Thread(target=traffic.worker, args=(i,), daemon=True) for i in range(args.threads)]
+        for thread in threads:
+            thread.start()
+        samples = []
+        rng = random.Random(7)
+        print(f"{'t':>6} {'rss MiB':>8} {'fds':>5} {'queued':>6} {'in flight':>9} {'answers':>8}", flush=True)
+        try:
+            while time.monotonic() < began + args.seconds:
+                fault = rng.choice(FAULTS)
+                rule = json.dumps({"fault": fault, "times": rng.randint(1, 5)}).encode()
+                urllib.request.urlopen(urllib.request.Request(
+                    f"http://{mock_addr}/_mock/faults", rule, {"content-type": "application/json"}), timeout=10).read()
+                time.sleep(5)
+                if sluice.poll() is not None:
+                    failures.append("sluice exited")
+                    break
+                text = urllib.request.urlopen(f"http://{sluice_addr}/metrics", timeout=30).read().decode()
+                now = time.monotonic() - began
+                row = (now, rss_mib(sluice.pid), fds(sluice.pid), metric(text, "sluice_queue_depth"),
+                       metric(text, "sluice_requests_in_flight"))
+                samples.append(row)
+                with traffic.lock:
+                    answered = sum(traffic.answers.values())
+                print(f"{row[0]:6.0f} {row[1]:8.1f} {row[2]:5d} {row[3]:6.0f} {row[4]:9.0f} {answered:8d}", flush=True)
+            for thread in threads:
+                thread.join(timeout=90)
+            time.sleep(2)
+            text = urllib.request.urlopen(f"http://{sluice_addr}/metrics", timeout=30).read().decode()
+            left = metric(text, "sluice_requests_in_flight") + metric(text, "sluice_queue_depth")
+            if left:
+                failures.append(f"{left:.0f} requests still in flight or queued after the traffic stopped")
+            end_fds = fds(sluice.pid)
+        finally:
+            for proc in (sluice, mock):
+                proc.terminate()
+                try:
+                    proc.wait(timeout=40)
+                except Exception:
+                    proc.kill()
+    second_half = [(t, rss) for t, rss, *_ in samples[len(samples) // 2:]]
+    rss_slope = slope_per_minute(second_half)
+    mid_fds = samples[len(samples) // 2][2] if samples else 0
+    print(f"answers: {dict(sorted(traffic.answers.items(), key=str))}")
+    print(f"RSS {samples[0][1]:.1f} -> {samples[-1][1]:.1f} MiB, second-half slope {rss_slope:+.2f} MiB/min; "
+          f"fds mid {mid_fds}, end {end_fds}")
+    if rss_slope > args.rss_slope:
+        failures.append(f"RSS grows {rss_slope:.2f} MiB/min over the second half (allowed {args.rss_slope})")
+    if end_fds > mid_fds + 20:
+        failures.append(f"descriptors grew from {mid_fds} to {end_fds}")
+    if failures:
+        print("FAIL: " + "; ".join(failures))
+        sys.exit(1)
+    print("no growth, nothing lost")
+
+
+if __name__ == "__main__":
+    main()
