@@ -2,12 +2,12 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test test-rust test-e2e test-deploy test-adversary venv demo-mock demo bench adversary
+.PHONY: test test-rust test-e2e test-deploy test-adversary test-soak venv demo-mock demo bench adversary soak
 
 ## Run every test: the Rust unit and integration tests, the SDK end-to-end tests, and the
 ## deploy/ files (compose, Kubernetes, alert rules with promtool, dashboard) checked against
 ## the binary.
-test: test-rust test-e2e test-deploy test-adversary
+test: test-rust test-e2e test-deploy test-adversary test-soak
 
 test-rust:
 	@if cargo nextest --version >/dev/null 2>&1; then \
@@ -31,6 +31,17 @@ test-adversary:
 adversary:
 	cargo build --workspace --bins
 	$(PYTHON) bench/adversary.py
+
+## The soak run (bench/soak.py) in its bounded form: 2 minutes of mixed traffic with faults,
+## failing on RSS or descriptor growth, a lost request, or anything left in flight.
+test-soak:
+	cargo build --workspace --bins
+	$(PYTHON) bench/soak.py --seconds 120
+
+## The same for 30 minutes (by hand).
+soak:
+	cargo build --workspace --bins
+	$(PYTHON) bench/soak.py --seconds 1800
 
 ## promtool comes from Debian's prometheus package (.ci/run installs it).
 test-deploy: venv

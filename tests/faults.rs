@@ -29,8 +29,8 @@ enum Seen {
     Answer(u16, Option<String>),
     /// A 200 stream that ended with sluice's error event of this code.
     StreamError(String),
-    /// The body broke off (the upstream's body failed after its head was relayed).
-    Broken(u16),
+    /// The connection broke with no complete answer.
+    Broken,
 }
 
 async fn send(sluice: &Sluice, stream: bool) -> Seen {
@@ -43,12 +43,12 @@ async fn send(sluice: &Sluice, stream: bool) -> Seen {
     // A relayed body that fails on its first read takes the connection down before the
     // head leaves: the client sees the upstream's break as a broken connection.
     let Ok(response) = sent else {
-        return Seen::Broken(0);
+        return Seen::Broken;
     };
     let status = response.status().as_u16();
     let bytes = match response.bytes().await {
         Ok(bytes) => bytes,
-        Err(_) => return Seen::Broken(status),
+        Err(_) => return Seen::Broken,
     };
     if stream && status == 200 {
         let text = String::from_utf8_lossy(&bytes).into_owned();
