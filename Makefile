@@ -7,7 +7,7 @@ PYTHON ?= python3
 ## Run every test: the Rust unit and integration tests, the SDK end-to-end tests, and the
 ## deploy/ files (compose, Kubernetes, alert rules with promtool, dashboard) checked against
 ## the binary.
-test: test-rust test-e2e test-deploy test-adversary test-soak
+test: test-rust test-e2e test-deploy test-adversary
 
 test-rust:
 	@if cargo nextest --version >/dev/null 2>&1; then \
