@@ -313,14 +313,7 @@ async fn an_unreachable_upstream_is_answered_502_and_refunded() {
     }
     assert_settled(&sluice).await;
     // Nothing reached the upstream, so the whole estimate came back to the bucket.
-    let status: serde_json::Value = client()
-        .get(sluice.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = status_json(&sluice).await;
     let bucket = &status["buckets"][0];
     assert_eq!(bucket["available"]["tokens"], 10_000_000.0, "{status}");
     sluice.stop().await;
@@ -370,14 +363,7 @@ async fn hostile_rate_limit_headers_on_a_success_are_counted_and_harmless() {
     assert!(errors >= 4.0, "{metrics}");
     assert_settled(&sluice).await;
     // The configured limits still rule: nothing learned from garbage.
-    let status: serde_json::Value = client()
-        .get(sluice.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = status_json(&sluice).await;
     assert_eq!(
         status["buckets"][0]["limits"]["in_force"]["tpm"], 10_000_000,
         "{status}"

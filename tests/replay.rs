@@ -356,14 +356,7 @@ async fn a_wait_hint_longer_than_any_window_is_ignored_and_counted() {
     // Replayed after the backoff, not parked for years.
     assert_eq!(response.status(), 200);
     assert_eq!(mock.stats().requests, 2);
-    let status: serde_json::Value = client()
-        .get(sluice.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = status_json(&sluice).await;
     for bucket in status["buckets"].as_array().unwrap() {
         let paused = bucket["paused_for_secs"].as_f64().unwrap_or(0.0);
         assert!(paused < 60.0, "{bucket}");
@@ -405,14 +398,7 @@ async fn a_learned_limit_too_small_for_a_request_is_learned_again() {
     assert_eq!(post(&sluice, KEY, &chat(5)).await.status(), 200);
     assert_eq!(post(&sluice, KEY, &chat(5)).await.status(), 200);
     assert_eq!(mock.stats().requests, 3);
-    let status: serde_json::Value = client()
-        .get(sluice.url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = status_json(&sluice).await;
     let learned = &status["buckets"][0]["limits"]["learned"]["tpm"];
     assert!(learned.as_u64().unwrap() > 1000, "{status}");
     sluice.stop().await;

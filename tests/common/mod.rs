@@ -119,6 +119,18 @@ pub async fn metrics_text(sluice: &Sluice) -> String {
         .unwrap()
 }
 
+/// The `/status` document sluice serves now.
+pub async fn status_json(sluice: &Sluice) -> serde_json::Value {
+    client()
+        .get(sluice.url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Waits until `check` holds, polling; panics with `what` after `timeout`.
 pub async fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
