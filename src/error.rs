@@ -54,6 +54,9 @@ pub enum ProxyError {
     UpstreamFailed(String),
     #[error("sluice is shutting down")]
     ShuttingDown,
+    /// The client left while its request waited inside sluice; nobody reads this answer.
+    #[error("the client closed the connection while its request waited")]
+    ClientGone,
     #[error("no valid client token")]
     Unauthenticated,
     #[error("invalid request body: {0}")]
@@ -92,6 +95,8 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            // nginx's "client closed request".
+            Self::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::InvalidBody(EstimateError::Tokenizer(_)) | Self::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -114,6 +119,7 @@ impl ProxyError {
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::ShuttingDown => "shutting_down",
+            Self::ClientGone => "client_cancelled",
             // OpenAI's code for a bad key, so SDKs raise AuthenticationError.
             Self::Unauthenticated => "invalid_api_key",
             Self::InvalidBody(EstimateError::Tokenizer(_)) | Self::Internal(_) => "internal_error",
@@ -149,6 +155,7 @@ impl ProxyError {
             | Self::BodyTooLarge { .. }
             | Self::BodyRead(_)
             | Self::BodyTimeout(_)
+            | Self::ClientGone
             | Self::Unauthenticated => Fault::Client,
             Self::UpstreamUnreachable(_) | Self::UpstreamTimeout(_) | Self::UpstreamFailed(_) => {
                 Fault::Upstream
@@ -225,6 +232,9 @@ impl ProxyError {
                 .to_owned(),
             Self::ShuttingDown => "sluice is shutting down and accepts no new requests. Retry \
                  against another instance or after it restarts."
+                .to_owned(),
+            Self::ClientGone => "The client closed the connection while the request waited \
+                 in sluice, so it was not sent."
                 .to_owned(),
             Self::Unauthenticated => "This sluice requires a client token: use one of the \
                  tokens your operator configured (client_tokens_env) as the API key, not the \

@@ -9,6 +9,7 @@
 //! - [`reload`]: SIGHUP and file changes put a new configuration in force.
 //! - [`server`]: shared state, the router, health and metrics endpoints, graceful drain.
 //! - [`workers`]: the event-loop threads, one socket each.
+//! - [`client`]: the client connection, and whether a waiting request's client has left.
 //! - [`proxy`]: the lifecycle, in phase order.
 //! - [`endpoint`]: a request path's canonical spelling, and which OpenAI endpoint it names.
 //! - [`body_budget`]: the bound on request-body bytes read whole at once.
@@ -23,6 +24,7 @@
 
 pub mod access;
 pub mod body_budget;
+pub mod client;
 pub mod config;
 pub mod endpoint;
 pub mod error;

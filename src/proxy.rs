@@ -3,6 +3,7 @@
 //! upstream, replaying 429s and retrying failures -> relay the response -> settle the
 //! reservation and record.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::access::AccessRecord;
 use crate::body_budget::Held;
+use crate::client::{ClientSocket, ClientWatch};
 use crate::config::{Accounting, Config, QueueConfig};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
@@ -129,6 +131,12 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
     };
     match result {
         Ok((answer, admission)) => relay(endpoint, answer, admission, record),
+        Err(ProxyError::ClientGone) => {
+            // Nobody reads an answer: the record logs the 499 a cancelled exchange gets.
+            tracing::debug!("the client left while its request waited; dropped unsent");
+            drop(record);
+            ProxyError::ClientGone.into_response()
+        }
         Err(err) => reject(err, record),
     }
 }
@@ -211,6 +219,11 @@ async fn forward(
     }
     // Held until the exchange is over: the body's bytes live that long.
     let (mut body, _held) = read_body(state, endpoint, &parts.headers, body, &live.config).await?;
+    // Read whole: from here on, a client that leaves while its request waits is noticed.
+    let mut watch = parts
+        .extensions
+        .get::<ClientSocket>()
+        .map(ClientSocket::watch);
 
     let deadline = deadline(&parts.headers, &live.config.queue, Instant::now());
     let mut admission = None;
@@ -230,8 +243,10 @@ async fn forward(
             estimate.output_tokens,
         );
         estimated_tokens = Some(estimate.total());
-        if let Some(mut admitted) =
-            admit(state, &live, &identity, &estimate, deadline, record).await?
+        if let Some(mut admitted) = admit(
+            state, &live, &identity, &estimate, deadline, &mut watch, record,
+        )
+        .await?
         {
             // Without usage in the stream the reservation could not be settled: ask for it,
             // and hide the extra chunk from a client that did not.
@@ -275,7 +290,7 @@ async fn forward(
     if exchange.resendable() {
         state.retry_budget.deposit(Instant::now());
     }
-    let answer = exchange.run(&mut admission, record).await?;
+    let answer = exchange.run(&mut admission, &mut watch, record).await?;
     Ok((answer, admission))
 }
 
@@ -309,10 +324,14 @@ impl Exchange<'_> {
     async fn run(
         &mut self,
         admission: &mut Option<Admission>,
+        watch: &mut Option<ClientWatch>,
         record: &mut AccessRecord,
     ) -> Result<Answer, ProxyError> {
         loop {
-            let response = match self.send(admission, record).await {
+            // A client that leaves before the answer's head cancels the upstream request: that
+            // is what stops the provider generating (and billing) an answer nobody reads.
+            let sent = unless_left(watch, self.send(admission, record)).await?;
+            let response = match sent {
                 Ok(response) => response,
                 Err(err) => {
                     // No response came back. Only a request that never reached the upstream
@@ -327,7 +346,7 @@ impl Exchange<'_> {
                                 error = %err,
                                 "upstream connection failed; retrying"
                             );
-                            tokio::time::sleep(wait).await;
+                            unless_left(watch, tokio::time::sleep(wait)).await?;
                             continue;
                         }
                     }
@@ -366,7 +385,7 @@ impl Exchange<'_> {
                 // may take long), and a break there ends with an error event instead.
                 if !is_event_stream(&answer.headers) {
                     if let Either::Left(body) = &mut answer.body {
-                        body.prefetch().await.map_err(|err| {
+                        unless_left(watch, body.prefetch()).await?.map_err(|err| {
                             ProxyError::UpstreamFailed(format!(
                                 "the response body failed before its first byte: {err}"
                             ))
@@ -390,7 +409,8 @@ impl Exchange<'_> {
             }
             match class {
                 Class::RateLimited(_) | Class::SlowDown => {
-                    match self.pause(class, &error, &limits, admission).await {
+                    let paused = self.pause(class, &error, &limits, admission);
+                    match unless_left(watch, paused).await? {
                         Ok(()) => {
                             record.retried("rate_limit");
                             continue;
@@ -435,7 +455,7 @@ impl Exchange<'_> {
                             wait_ms = wait.as_millis() as u64,
                             "upstream failed; retrying"
                         );
-                        tokio::time::sleep(wait).await;
+                        unless_left(watch, tokio::time::sleep(wait)).await?;
                         continue;
                     }
                     return Ok(Answer::buffered(error.status, error.headers, error.body));
@@ -756,6 +776,7 @@ async fn admit(
     identity: &Identity,
     estimate: &Estimate,
     deadline: Instant,
+    watch: &mut Option<ClientWatch>,
     record: &mut AccessRecord,
 ) -> Result<Option<Admission>, ProxyError> {
     let limits = identity
@@ -778,7 +799,7 @@ async fn admit(
     // can still retry it against another replica, instead of being cut at the drain's end.
     let admitted = tokio::select! {
         biased;
-        admitted = admitting => admitted,
+        admitted = unless_left(watch, admitting) => admitted?,
         () = state.drained() => return Err(ProxyError::ShuttingDown),
     };
     let reservation = admitted.map_err(|rejection| ProxyError::Rejected {
@@ -800,6 +821,22 @@ async fn admit(
         accounting: live.config.upstream.accounting,
         strip_usage_chunk: false,
     }))
+}
+
+/// Runs `wait` (for admission, a replay, a backoff, the upstream's answer) unless the client
+/// leaves first, which ends the wait with [`ProxyError::ClientGone`] (see [`crate::client`]).
+async fn unless_left<T>(
+    watch: &mut Option<ClientWatch>,
+    wait: impl Future<Output = T>,
+) -> Result<T, ProxyError> {
+    let Some(watch) = watch else {
+        return Ok(wait.await);
+    };
+    tokio::select! {
+        biased;
+        done = wait => Ok(done),
+        () = watch.left() => Err(ProxyError::ClientGone),
+    }
 }
 
 /// The latest moment a request may still be admitted: the smallest of sluice's maximum

@@ -13,8 +13,10 @@ use http::{header, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+use crate::client::{ClientIo, ClientSocket};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::estimate::{OutputDefaults, Tokenizers};
@@ -440,10 +442,10 @@ fn connection_builder(config: &crate::config::ServerConfig) -> Builder<TokioExec
         .timer(TokioTimer::new())
         // hyper runs this timer from the moment a connection waits for a request: it bounds
         // a slowloris client's headers and an idle keep-alive connection alike.
-        .header_read_timeout(config.header_read_timeout);
-    // Not `half_close(true)`: TCP cannot tell a client that shut its write side from one that
-    // went away, and cancelling the upstream request of a client that left is what stops the
-    // provider generating (and billing) an answer nobody reads. nginx makes the same call.
+        .header_read_timeout(config.header_read_timeout)
+        // A FIN does not cancel the exchange: it may be the client's half-close. Whether a
+        // waiting request's client has left is sluice's call (`crate::client`).
+        .half_close(true);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -452,6 +454,37 @@ fn connection_builder(config: &crate::config::ServerConfig) -> Builder<TokioExec
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
+}
+
+/// The router, for one connection: each HTTP/1 request carries the connection's socket, for
+/// its client watch (see [`crate::client`]).
+#[derive(Clone)]
+struct WithSocket {
+    inner: Router,
+    socket: ClientSocket,
+}
+
+impl<B> tower_service::Service<http::Request<B>> for WithSocket
+where
+    Router: tower_service::Service<http::Request<B>>,
+{
+    type Response = <Router as tower_service::Service<http::Request<B>>>::Response;
+    type Error = <Router as tower_service::Service<http::Request<B>>>::Error;
+    type Future = <Router as tower_service::Service<http::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower_service::Service::<http::Request<B>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if request.version() <= http::Version::HTTP_11 {
+            request.extensions_mut().insert(self.socket.clone());
+        }
+        tower_service::Service::call(&mut self.inner, request)
+    }
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and
@@ -468,7 +501,7 @@ pub async fn serve(
 ) -> Result<Drain, StartError> {
     let server_config = state.live().config.server.clone();
     let builder = connection_builder(&server_config);
-    let service = hyper_util::service::TowerToHyperService::new(app(Arc::clone(&state)));
+    let router = app(Arc::clone(&state));
     let graceful = GracefulShutdown::new();
     let mut refused = Throttled::new();
     let mut failed = Throttled::new();
@@ -505,8 +538,13 @@ pub async fn serve(
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(error = %err, "could not set TCP_NODELAY");
         }
+        let io = ClientIo::new(tcp);
+        let service = TowerToHyperService::new(WithSocket {
+            inner: router.clone(),
+            socket: io.socket(),
+        });
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service.clone())
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

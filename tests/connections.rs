@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use mock_openai::{Fault, FaultRule};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -333,5 +334,122 @@ async fn a_request_with_both_content_length_and_transfer_encoding_closes_its_con
         .expect("the connection is closed after the answer");
     let text = String::from_utf8_lossy(&seen);
     assert!(text.starts_with("HTTP/1.1 "), "{text}");
+    sluice.stop().await;
+}
+
+/// An org whose token bucket (600 a minute, 10 a second) one large request fills.
+fn token_limited() -> String {
+    format!("[[org]]\nname = \"acme\"\nkeys = [\"{KEY}\"]\n[org.limits.\"*\"]\nrpm = 10000\ntpm = 600\n")
+}
+
+fn chat_request(max_tokens: u64) -> Vec<u8> {
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": max_tokens,
+    })
+    .to_string();
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Fills acme's token bucket, so that a request for ~40 tokens queues for a few seconds.
+async fn fill_bucket(sluice: &Sluice) {
+    let response = client()
+        .post(sluice.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&serde_json::json!({
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 570,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// Requests waiting for admission, over every bucket (from `/status`).
+async fn queued(sluice: &Sluice) -> u64 {
+    let status = status_json(sluice).await;
+    let buckets = status["buckets"].as_array().unwrap();
+    buckets
+        .iter()
+        .map(|bucket| {
+            bucket["queue"]["interactive"].as_u64().unwrap()
+                + bucket["queue"]["batch"].as_u64().unwrap()
+        })
+        .sum()
+}
+
+fn header_value<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response
+        .lines()
+        .take_while(|line| !line.is_empty())
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_is_answered_and_the_request_sent_once() {
+    let mock = mock().await;
+    let sluice = Sluice::start_with(&mock.url(), &token_limited()).await;
+    fill_bucket(&sluice).await;
+    // Queued for admission, then answered slowly by the upstream: a FIN that came with the
+    // request cancels neither wait.
+    mock.inject(FaultRule {
+        fault: Fault::Delay { ms: 500 },
+        path_contains: None,
+        times: 1,
+    });
+    let mut socket = connect(sluice.addr).await;
+    socket.write_all(&chat_request(30)).await.unwrap();
+    socket.shutdown().await.unwrap();
+    let seen = closed_within(&mut socket, Duration::from_secs(30))
+        .await
+        .expect("answered, then closed");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(text.contains("\"chat.completion\""), "{text}");
+    let queued: u64 = header_value(&text, "x-sluice-queue-ms")
+        .expect("queue header")
+        .parse()
+        .unwrap();
+    assert!(queued >= 100, "the request was queued first ({queued} ms)");
+    assert_eq!(mock.stats().requests, 2);
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_shuts_its_side_while_queued_is_dropped_unsent() {
+    let mock = mock().await;
+    let sluice = Sluice::start_with(&mock.url(), &token_limited()).await;
+    fill_bucket(&sluice).await;
+    let mut socket = connect(sluice.addr).await;
+    socket.write_all(&chat_request(30)).await.unwrap();
+    let waited = tokio::time::Instant::now();
+    while queued(&sluice).await != 1 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the request never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long after its request: a client that gave up, not a half-close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    socket.shutdown().await.unwrap();
+    let seen = closed_within(&mut socket, Duration::from_secs(10))
+        .await
+        .expect("closed without waiting for admission");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 499 "), "{text}");
+    assert_eq!(queued(&sluice).await, 0);
+    // Its place and budget came back: the next small request goes at once, and the
+    // upstream never saw the one that left.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(mock.stats().requests, 1);
     sluice.stop().await;
 }
