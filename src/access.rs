@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::endpoint::Endpoint;
 use crate::metrics::Metrics;
-use crate::queue::Priority;
+use crate::priority::Priority;
 use crate::upstream::body::{BodyEnd, BodyOutcome};
 
 /// What is known of an exchange while it runs; consumed by [`AccessRecord::finish`].

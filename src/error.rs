@@ -360,16 +360,3 @@ pub fn error_response(status: StatusCode, message: &str, kind: &str, code: &str)
     );
     response
 }
-
-/// The error and its sources on one line: a client's top-level message alone ("client error
-/// (Connect)") hides the cause an operator needs ("Connection refused").
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

@@ -33,12 +33,14 @@ pub mod limiter;
 pub mod log_writer;
 pub mod metrics;
 pub mod org;
+pub mod priority;
 pub mod proxy;
 pub mod queue;
 pub mod quota;
 pub mod reload;
 pub mod retry;
 pub mod server;
+pub mod state;
 pub mod status_view;
 pub mod upstream;
 pub mod workers;
@@ -49,7 +51,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use config::Config;
-pub use server::StartError;
+pub use state::StartError;
 
 /// Runs sluice on `listener` until `shutdown` resolves, then drains and returns. The
 /// integration tests (on port 0) start the server through this function; the binary through
@@ -75,7 +77,7 @@ pub async fn run_workers(
     let metrics_listen = config.metrics_listen;
     let source = config.source.clone();
     let upstream = config.upstream.base_url.clone();
-    let state = Arc::new(server::AppState::new(config)?);
+    let state = Arc::new(state::AppState::new(config)?);
     let ops = match metrics_listen {
         Some(addr) => {
             let ops_listener = TcpListener::bind(addr)

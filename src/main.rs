@@ -128,7 +128,7 @@ fn main() -> ExitCode {
 
     // The main thread is the first worker; it also runs the signal handlers, the reload
     // watcher and the metrics listener.
-    let runtime = match sluice::server::tokenizers()
+    let runtime = match sluice::state::tokenizers()
         .map_err(|err| err.to_string())
         .and_then(|tokenizers| {
             tokenizers.warm();

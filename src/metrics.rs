@@ -22,6 +22,7 @@ use prometheus::{
 use crate::limiter::bucket::Resource;
 use crate::limiter::gate::Circuit;
 use crate::limiter::BucketCounts;
+use crate::priority::ByPriority;
 use crate::queue::BucketQueue;
 
 /// Buckets from 1 ms to 10 min: upstream calls range from cached embeddings to long
@@ -613,7 +614,7 @@ impl Metrics {
             self.circuit_open
                 .with_label_values(&[org, model])
                 .set(i64::from(open));
-            let (interactive, batch) = status.depth;
+            let ByPriority { interactive, batch } = status.depth;
             self.queue_depth
                 .with_label_values(&[org, model, "interactive"])
                 .set(interactive as i64);

@@ -16,7 +16,7 @@ use http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 
 use crate::config::{hex_prefix, OrgConfig, UpstreamKey};
-use crate::queue::Priority;
+use crate::priority::Priority;
 
 /// Name of the org of requests that carry no API key at all (the upstream will reject them;
 /// they are forwarded uncharged so the client sees the upstream's own 401).

@@ -28,7 +28,7 @@ use crate::limiter::{settlement, Charged, Reservation};
 use crate::org::Identity;
 use crate::queue::Evidence;
 use crate::retry::{self, Class, ErrorBody, Limited as LimitedResource};
-use crate::server::{AppState, Live};
+use crate::state::{AppState, Live};
 use crate::upstream::body::{BodyEnd, BodyOutcome, Ended, ObservedBody, UsageTap};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 use crate::upstream::usage::{request_stream_usage, SseUsage};

@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::QueueConfig;
 use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Resource, Shortfall, DAY, MINUTE};
 use crate::limiter::gate::{Circuit, Gate, Pass, Probe, ProbeOutcome};
+use crate::priority::{ByPriority, Priority};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 
 /// Header resets longer than this describe a daily window: a per-minute bucket is full again
@@ -35,40 +35,6 @@ const MINUTE_RESET_MAX: Duration = Duration::from_secs(125);
 /// rate-limit headers confirms it, so only a bucket that sent nothing upstream for this long
 /// (idle, or refusing everything on a limit that was wrong) forgets it and learns it anew.
 const LEARNED_TTL: Duration = Duration::from_secs(3600);
-
-/// Which class a request waits in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    #[default]
-    Interactive,
-    Batch,
-}
-
-impl Priority {
-    /// Parses the `x-sluice-priority` header value; `None` when unrecognized.
-    pub fn parse(text: &str) -> Option<Self> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "interactive" => Some(Self::Interactive),
-            "batch" => Some(Self::Batch),
-            _ => None,
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Interactive => "interactive",
-            Self::Batch => "batch",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            Self::Interactive => 0,
-            Self::Batch => 1,
-        }
-    }
-}
 
 /// Why a request was not admitted.
 #[derive(Clone, Debug, PartialEq)]
@@ -157,9 +123,9 @@ struct State {
     /// Unknown limits are learned from the upstream (`upstream.learn_limits`).
     learns: bool,
     gate: Gate,
-    classes: [VecDeque<Waiter>; 2],
+    classes: ByPriority<VecDeque<Waiter>>,
     /// Total cost queued per class, for predicting waits in O(1).
-    queued: [Cost; 2],
+    queued: ByPriority<Cost>,
     next_id: u64,
     /// The latest sends upstream (re-sends included), oldest first, to tell what a header
     /// has not seen.
@@ -228,28 +194,31 @@ impl State {
     /// Whether nobody waits ahead of a new request of this priority.
     fn nobody_ahead(&self, priority: Priority) -> bool {
         match priority {
-            Priority::Interactive => self.classes[0].is_empty(),
-            Priority::Batch => self.classes[0].is_empty() && self.classes[1].is_empty(),
+            Priority::Interactive => self.classes[Priority::Interactive].is_empty(),
+            Priority::Batch => {
+                self.classes[Priority::Interactive].is_empty()
+                    && self.classes[Priority::Batch].is_empty()
+            }
         }
     }
 
     /// The head that may take next: the interactive head, else the batch head.
     fn current_head(&self) -> Option<(Priority, u64)> {
-        if let Some(waiter) = self.classes[0].front() {
+        if let Some(waiter) = self.classes[Priority::Interactive].front() {
             return Some((Priority::Interactive, waiter.id));
         }
-        self.classes[1]
+        self.classes[Priority::Batch]
             .front()
             .map(|waiter| (Priority::Batch, waiter.id))
     }
 
     fn remove(&mut self, priority: Priority, id: u64) -> bool {
-        let class = &mut self.classes[priority.index()];
+        let class = &mut self.classes[priority];
         let Some(position) = class.iter().position(|waiter| waiter.id == id) else {
             return false;
         };
         if let Some(waiter) = class.remove(position) {
-            let queued = &mut self.queued[priority.index()];
+            let queued = &mut self.queued[priority];
             queued.requests -= waiter.cost.requests;
             queued.tokens -= waiter.cost.tokens;
         }
@@ -393,9 +362,16 @@ impl State {
         }
     }
 
+    fn depth(&self) -> ByPriority<usize> {
+        ByPriority {
+            interactive: self.classes.interactive.len(),
+            batch: self.classes.batch.len(),
+        }
+    }
+
     fn wake_head(&self) {
-        for class in &self.classes {
-            if let Some(head) = class.front() {
+        for priority in Priority::ALL {
+            if let Some(head) = self.classes[priority].front() {
                 head.wake.notify_one();
             }
         }
@@ -448,8 +424,8 @@ impl BucketQueue {
                 learned_at: None,
                 learns: learn,
                 gate,
-                classes: [VecDeque::new(), VecDeque::new()],
-                queued: [Cost::default(); 2],
+                classes: ByPriority::default(),
+                queued: ByPriority::default(),
                 next_id: 0,
                 dispatches: VecDeque::new(),
                 next_dispatch: 0,
@@ -511,7 +487,7 @@ impl BucketQueue {
             }
             let ahead = self.cost_ahead(&state, priority, cost);
             let wait = state.projected_wait(ahead, keep, arrived);
-            let depth = state.classes[0].len() + state.classes[1].len();
+            let depth = state.classes.interactive.len() + state.classes.batch.len();
             if depth >= self.bounds.max_depth_per_bucket.load(Ordering::Relaxed) {
                 return Err(Rejection::QueueFull { depth, wait });
             }
@@ -531,12 +507,12 @@ impl BucketQueue {
             }
             let id = state.next_id;
             state.next_id += 1;
-            state.classes[priority.index()].push_back(Waiter {
+            state.classes[priority].push_back(Waiter {
                 id,
                 cost,
                 wake: Arc::clone(&wake),
             });
-            let queued = &mut state.queued[priority.index()];
+            let queued = &mut state.queued[priority];
             queued.requests += cost.requests;
             queued.tokens += cost.tokens;
             id
@@ -598,9 +574,9 @@ impl BucketQueue {
 
     fn cost_ahead(&self, state: &State, priority: Priority, cost: Cost) -> Cost {
         let mut total = cost;
-        let classes: &[usize] = match priority {
-            Priority::Interactive => &[0],
-            Priority::Batch => &[0, 1],
+        let classes: &[Priority] = match priority {
+            Priority::Interactive => &[Priority::Interactive],
+            Priority::Batch => &[Priority::Interactive, Priority::Batch],
         };
         for &class in classes {
             total.requests += state.queued[class].requests;
@@ -887,7 +863,7 @@ impl BucketQueue {
                 .paused_until()
                 .map(|until| until.saturating_duration_since(now))
                 .filter(|wait| !wait.is_zero()),
-            depth: (state.classes[0].len(), state.classes[1].len()),
+            depth: state.depth(),
             replays: state.gate.replays(),
             upstream: state
                 .upstream
@@ -899,10 +875,9 @@ impl BucketQueue {
         }
     }
 
-    /// Requests waiting per class: (interactive, batch).
-    pub fn depth(&self) -> (usize, usize) {
-        let state = self.lock();
-        (state.classes[0].len(), state.classes[1].len())
+    /// Requests waiting per class.
+    pub fn depth(&self) -> ByPriority<usize> {
+        self.lock().depth()
     }
 
     /// Units available now (negative in debt); `None` when unlimited.
@@ -948,7 +923,7 @@ pub struct BucketStatus {
     pub circuit: Circuit,
     pub paused_for: Option<Duration>,
     /// Waiting requests: (interactive, batch).
-    pub depth: (usize, usize),
+    pub depth: ByPriority<usize>,
     pub replays: u32,
     /// The upstream's last rate-limit headers, and how long ago they came.
     pub upstream: Option<(RateLimitHeaders, Duration)>,
@@ -1093,6 +1068,12 @@ fn too_large(oversize: Oversize, cost: Cost) -> Rejection {
 mod tests {
     use super::*;
 
+    /// Waiting requests as (interactive, batch).
+    fn depth(queue: &BucketQueue) -> (usize, usize) {
+        let depth = queue.depth();
+        (depth.interactive, depth.batch)
+    }
+
     /// A queue whose bucket's burst is proven (the proof has tests of its own).
     fn queue(limits: Limits, reserve: f64, max_depth: usize) -> Arc<BucketQueue> {
         let queue = unproven_queue(limits, reserve, max_depth);
@@ -1186,7 +1167,7 @@ mod tests {
             .map(|(_, at)| at.as_millis() as u64 / 100)
             .collect();
         assert_eq!(secs, [10, 20, 30]);
-        assert_eq!(queue.depth(), (0, 0));
+        assert_eq!(depth(&queue), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1223,7 +1204,7 @@ mod tests {
         settle_tasks().await;
         let interactive = spawn_admit(&queue, 10, Priority::Interactive, "interactive", &log);
         settle_tasks().await;
-        assert_eq!(queue.depth(), (1, 1));
+        assert_eq!(depth(&queue), (1, 1));
         interactive.await.expect("task").expect("admitted");
         batch.await.expect("task").expect("admitted");
         let names: Vec<_> = log
@@ -1336,7 +1317,7 @@ mod tests {
             "{result:?}"
         );
         assert!(elapsed <= Duration::from_secs(2), "waited {elapsed:?}");
-        assert_eq!(queue.depth(), (0, 0));
+        assert_eq!(depth(&queue), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1351,10 +1332,10 @@ mod tests {
         settle_tasks().await;
         let second = spawn_admit(&queue, 10, Priority::Interactive, "second", &log);
         settle_tasks().await;
-        assert_eq!(queue.depth(), (2, 0));
+        assert_eq!(depth(&queue), (2, 0));
         first.abort();
         let _ = first.await;
-        assert_eq!(queue.depth(), (1, 0));
+        assert_eq!(depth(&queue), (1, 0));
         second.await.expect("task").expect("admitted");
         let log = log.lock().expect("test mutex").clone();
         assert_eq!(log, [("second", Duration::from_secs(1))]);
@@ -1445,7 +1426,7 @@ mod tests {
         for task in &tasks[..11] {
             assert!(task.is_finished());
         }
-        assert_eq!(queue.depth(), (4, 0));
+        assert_eq!(depth(&queue), (4, 0));
         let mut admitted = Vec::new();
         for task in tasks.into_iter().take(11) {
             admitted.push(task.await.expect("task").expect("admitted"));
@@ -1456,7 +1437,7 @@ mod tests {
         // The upstream took the proof: the rest goes at once, without waiting for refill.
         queue.answered(Some(Probe::Burst));
         settle_tasks().await;
-        assert_eq!(queue.depth(), (0, 0));
+        assert_eq!(depth(&queue), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]

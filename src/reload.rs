@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigSource};
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// How long a changed file must stay unchanged before it is read: an editor or a deploy tool
 /// writing it in pieces is not caught halfway.

@@ -17,22 +17,12 @@ use tokio::net::TcpListener;
 use tokio::net::TcpSocket;
 use tokio::sync::{oneshot, watch};
 
-use crate::server::{self, AppState, StartError};
+use crate::server;
+use crate::state::{AppState, StartError};
 
 /// Pending connections each socket holds before the kernel refuses more.
 #[cfg(unix)]
 const BACKLOG: u32 = 1024;
-
-thread_local! {
-    /// The worker this thread runs: 0 for the main thread (and any thread that is not a
-    /// worker's), `index` for a worker started by [`spawn`].
-    static CURRENT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// The worker the calling thread runs (0 outside workers).
-pub fn current() -> usize {
-    CURRENT.with(std::cell::Cell::get)
-}
 
 /// Binds `count` listening sockets to `addr` (port 0: one free port for all of them). Call
 /// it inside a runtime (the sockets register with it; [`spawn`] moves them to their own).
@@ -128,7 +118,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("sluice-worker-{index}"))
         .spawn(move || {
-            CURRENT.with(|current| current.set(index));
+            crate::upstream::use_client(index);
             let result = serve(listener, state, stop);
             if let Err(err) = &result {
                 tracing::error!(worker = index, "worker failed: {err}");

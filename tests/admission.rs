@@ -295,6 +295,9 @@ async fn interactive_requests_overtake_queued_batch_ones() {
     for _ in 0..60 {
         assert_eq!(post(&url, KEY, &chat(5), &[]).await.status(), 200);
     }
+    // One more waits for the refill and takes it: the next request is due a whole second
+    // later, however long the 60 took, so the three below all find the bucket empty.
+    assert_eq!(post(&url, KEY, &chat(5), &[]).await.status(), 200);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     for (i, priority) in ["batch", "batch", "interactive"].into_iter().enumerate() {

@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::{Accounting, QueueConfig};
-use crate::queue::{BucketQueue, Evidence, Mark, Priority, QueueBounds, RateLimited, Rejection};
+use crate::priority::Priority;
+use crate::queue::{BucketQueue, Evidence, Mark, QueueBounds, RateLimited, Rejection};
 use crate::upstream::ratelimit::RateLimitHeaders;
 use bucket::{Cost, Limits};
 use gate::Probe;

@@ -81,7 +81,7 @@ impl Upstream {
     /// The connect timeout bounds the connection; the read timeout bounds the wait for the
     /// response head and then each wait for the next piece of its body.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<TimedBody>, SendError> {
-        let client = &self.clients[crate::workers::current() % self.clients.len()];
+        let client = &self.clients[client_index() % self.clients.len()];
         let deadline = tokio::time::Instant::now() + self.total_timeout;
         match tokio::time::timeout(self.read_timeout, client.request(request)).await {
             Ok(Ok(response)) => Ok(response
@@ -157,7 +157,7 @@ impl SendError {
         };
         Self {
             kind,
-            detail: crate::error::error_chain(err),
+            detail: error_chain(err),
         }
     }
 
@@ -376,4 +376,33 @@ mod tests {
             ]
         );
     }
+}
+
+/// The error and its sources on one line: a client's top-level message alone ("client error
+/// (Connect)") hides the cause an operator needs ("Connection refused").
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+thread_local! {
+    /// Which of the per-worker clients this thread sends with: 0 for the main thread (and any
+    /// thread that is not a worker's), a worker's index once it called [`use_client`].
+    static CLIENT_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread (a worker's) send with client `index`, so each worker keeps its
+/// own connection pool and never contends for another's.
+pub fn use_client(index: usize) {
+    CLIENT_INDEX.with(|current| current.set(index));
+}
+
+fn client_index() -> usize {
+    CLIENT_INDEX.with(std::cell::Cell::get)
 }
