@@ -13,7 +13,7 @@ use http::{header, HeaderValue, StatusCode};
 
 use crate::estimate::EstimateError;
 use crate::limiter::bucket::Resource;
-use crate::queue::Rejection;
+use crate::limiter::queue::Rejection;
 use crate::upstream::{SendError, SendFailure};
 
 /// Whose fault a failure was: drives logging level and, later, whether a retry is safe.

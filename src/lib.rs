@@ -35,7 +35,6 @@ pub mod metrics;
 pub mod org;
 pub mod priority;
 pub mod proxy;
-pub mod queue;
 pub mod quota;
 pub mod reload;
 pub mod retry;

@@ -21,9 +21,9 @@ use prometheus::{
 
 use crate::limiter::bucket::Resource;
 use crate::limiter::gate::Circuit;
+use crate::limiter::queue::BucketQueue;
 use crate::limiter::BucketCounts;
 use crate::priority::ByPriority;
-use crate::queue::BucketQueue;
 
 /// Buckets from 1 ms to 10 min: upstream calls range from cached embeddings to long
 /// reasoning-model streams, and queue waits up to the longest deadline.

@@ -24,9 +24,9 @@ use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::estimate::{estimate, Estimate};
 use crate::limiter::bucket::{Cost, Resource};
-use crate::limiter::{settlement, Charged, Reservation};
+use crate::limiter::queue::Evidence;
+use crate::limiter::{Charged, Reservation};
 use crate::org::Identity;
-use crate::queue::Evidence;
 use crate::retry::{self, Class, ErrorBody, Limited as LimitedResource};
 use crate::state::{AppState, Live};
 use crate::upstream::body::{BodyEnd, BodyOutcome, Ended, ObservedBody, UsageTap};
@@ -944,22 +944,8 @@ fn settle(admitted: Admission, status: StatusCode, end: &BodyEnd) {
         accounting,
         ..
     } = admitted;
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        // The upstream had less budget than sluice thought: keep the whole charge, so the
-        // requests queued behind do not follow straight into more 429s.
-        reservation.settle(0);
-    } else if let Some(usage) = end.usage {
-        reservation.settle(settlement(
-            charged,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            accounting,
-        ));
-    } else {
-        // No usage seen (an error status, a broken stream): keep the estimate charged, the
-        // conservative choice.
-        reservation.settle(0);
-    }
+    let rate_limited = status == StatusCode::TOO_MANY_REQUESTS;
+    reservation.close(charged, accounting, rate_limited, end.usage);
 }
 
 fn reject(err: ProxyError, record: AccessRecord) -> Response {
@@ -969,9 +955,9 @@ fn reject(err: ProxyError, record: AccessRecord) -> Response {
     }
     if let ProxyError::Rejected { rejection, .. } = &err {
         record.rejected(match rejection {
-            crate::queue::Rejection::TooLarge { .. } => "too_large",
-            crate::queue::Rejection::Deadline { .. } => "deadline",
-            crate::queue::Rejection::QueueFull { .. } => "queue_full",
+            crate::limiter::queue::Rejection::TooLarge { .. } => "too_large",
+            crate::limiter::queue::Rejection::Deadline { .. } => "deadline",
+            crate::limiter::queue::Rejection::QueueFull { .. } => "queue_full",
         });
     }
     let status = err.status();

@@ -134,7 +134,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
     response
 }
 
-fn bucket_json(queue: &crate::queue::BucketQueue) -> serde_json::Value {
+fn bucket_json(queue: &crate::limiter::queue::BucketQueue) -> serde_json::Value {
     use crate::limiter::bucket::Limits;
     use crate::limiter::gate::Circuit;
     use serde_json::json;

@@ -329,11 +329,6 @@ impl Bucket {
         self.contention
     }
 
-    /// Whether any limit is set.
-    pub fn is_limited(&self) -> bool {
-        !self.meters.is_empty()
-    }
-
     fn refill(&mut self, now: Instant) {
         while let Some(at) = self.contention_decays_at.filter(|at| *at <= now) {
             self.contention /= 2.0;

@@ -7,6 +7,9 @@
 
 pub mod bucket;
 pub mod gate;
+mod learn;
+pub mod queue;
+mod reservation;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,12 +18,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{Accounting, QueueConfig};
+use crate::config::QueueConfig;
 use crate::priority::Priority;
-use crate::queue::{BucketQueue, Evidence, Mark, QueueBounds, RateLimited, Rejection};
-use crate::upstream::ratelimit::RateLimitHeaders;
 use bucket::{Cost, Limits};
-use gate::Probe;
+use queue::{BucketQueue, QueueBounds, Rejection};
+pub use reservation::{settlement, Charged, Reservation};
 
 /// How often at most a full bucket table is logged: a flood of made-up names hits the cap
 /// on every request, and one line per request would be a flood of its own.
@@ -223,14 +225,7 @@ impl Limiter {
             return Ok(None);
         };
         let admitted = queue.admit(cost, priority, deadline).await?;
-        Ok(Some(Reservation {
-            queue,
-            cost,
-            reached_upstream: false,
-            waited: admitted.waited,
-            probe: admitted.probe,
-            mark: None,
-        }))
+        Ok(Some(Reservation::new(queue, cost, admitted)))
     }
 
     /// Every bucket, for status and metrics. Holding them keeps them from being evicted, so
@@ -362,166 +357,11 @@ fn log_cap(line: Option<CapEvents>, max: usize, org: &str, model: &str) {
     );
 }
 
-/// Budget taken from a bucket for one request.
-#[must_use = "a reservation is refunded when dropped; settle it once the upstream answered"]
-pub struct Reservation {
-    queue: Arc<BucketQueue>,
-    cost: Cost,
-    reached_upstream: bool,
-    /// Time spent queued before admission (and before re-sends after 429s).
-    pub waited: Duration,
-    /// Set while this request is its bucket's probe (learning limits, or testing a circuit).
-    probe: Option<Probe>,
-    /// When it was last sent upstream.
-    mark: Option<Mark>,
-}
-
-impl Reservation {
-    pub fn cost(&self) -> Cost {
-        self.cost
-    }
-
-    pub fn bucket(&self) -> &Arc<BucketQueue> {
-        &self.queue
-    }
-
-    /// The request is on its way upstream (again, for a re-send): the provider counts it
-    /// from now on, so dropping the reservation no longer refunds it.
-    pub fn dispatch(&mut self) {
-        self.reached_upstream = true;
-        self.mark = Some(self.queue.dispatched(self.cost));
-    }
-
-    /// Corrects the bucket with the rate-limit headers of this request's response.
-    pub fn observe(&self, headers: &RateLimitHeaders) {
-        if let Some(mark) = self.mark {
-            self.queue.observe(mark, headers);
-        }
-    }
-
-    /// The upstream answered without a rate limit.
-    pub fn answered(&mut self) {
-        self.queue.answered(self.probe.take());
-    }
-
-    /// The upstream answered 429; see [`BucketQueue::rate_limited`]. Returns whether the
-    /// bucket's circuit opened.
-    pub fn rate_limited(
-        &mut self,
-        resume: Instant,
-        reset: Instant,
-        evidence: Evidence,
-        reason: &'static str,
-    ) -> bool {
-        self.queue.rate_limited(RateLimited {
-            resume,
-            reset,
-            evidence,
-            probe: self.probe.take(),
-            reason,
-        })
-    }
-
-    /// Waits, keeping the budget and the head of the line, until the request may be sent
-    /// again (spending one more request of the bucket: the refused attempt counted);
-    /// `Err` with the remaining wait when that is after `deadline`.
-    pub async fn replay(&mut self, deadline: Instant) -> Result<(), Duration> {
-        let started = Instant::now();
-        // The refused attempt was counted as a request, not for its tokens (PROTOCOL §1).
-        let again = Cost {
-            requests: self.cost.requests,
-            tokens: 0,
-        };
-        let result = self.queue.replay(again, deadline).await;
-        self.waited += started.elapsed();
-        self.probe = result?;
-        Ok(())
-    }
-
-    /// Gives the whole reservation back: the request turned out never to reach the upstream
-    /// (its connection was refused).
-    pub fn refund(mut self) {
-        self.reached_upstream = false;
-        if let Some(mark) = self.mark.take() {
-            self.queue.undispatched(mark);
-        }
-    }
-
-    /// Corrects the reservation by `delta` tokens once the actual usage is known: positive is
-    /// charged (debt if the bucket is short), negative refunded.
-    pub fn settle(mut self, delta: i64) {
-        self.reached_upstream = true;
-        if delta > 0 {
-            self.queue.charge(Cost {
-                requests: 0,
-                tokens: delta.unsigned_abs(),
-            });
-        } else if delta < 0 {
-            self.queue.give_back(Cost {
-                requests: 0,
-                tokens: delta.unsigned_abs(),
-            });
-        }
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(probe) = self.probe.take() {
-            self.queue.abandon_probe(probe);
-        }
-        if !self.reached_upstream {
-            self.queue.give_back(self.cost);
-        }
-    }
-}
-
-/// What a request was charged at admission, split as settlement needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Charged {
-    pub prompt_tokens: u64,
-    pub output_tokens: u64,
-    /// Whether `output_tokens` is a cap the request set (the provider charges it whole) or
-    /// sluice's own default for a request without a cap (a guess, trued up to the usage).
-    pub output_capped: bool,
-}
-
-/// The token correction once actual usage is known (positive: charge more; negative: refund).
-///
-/// `Reserved` (OpenAI): the provider keeps a capped output charged whatever was generated, so
-/// only the prompt estimate is corrected, in both directions. An uncapped output was sluice's
-/// guess and is trued up. `Actual`: everything is trued up to the usage.
-pub fn settlement(
-    charged: Charged,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    accounting: Accounting,
-) -> i64 {
-    let prompt_delta = prompt_tokens as i64 - charged.prompt_tokens as i64;
-    let output_delta = completion_tokens as i64 - charged.output_tokens as i64;
-    match accounting {
-        Accounting::Reserved if charged.output_capped => prompt_delta,
-        Accounting::Reserved | Accounting::Actual => prompt_delta + output_delta,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use bucket::Resource;
     use std::time::Duration;
-
-    #[test]
-    fn reserved_accounting_keeps_the_cap_and_corrects_the_prompt() {
-        let charged = Charged {
-            prompt_tokens: 100,
-            output_tokens: 4000,
-            output_capped: true,
-        };
-        assert_eq!(settlement(charged, 90, 200, Accounting::Reserved), -10);
-        assert_eq!(settlement(charged, 130, 200, Accounting::Reserved), 30);
-        assert_eq!(settlement(charged, 90, 200, Accounting::Actual), -10 - 3800);
-    }
 
     impl Limiter {
         fn test_queue_config() -> QueueConfig {
@@ -716,16 +556,5 @@ mod tests {
         learned(&limiter, "c", "m").expect("room made");
         assert!(has(&limiter, "acme", "m"));
         assert!(limiter.counts().evicted >= 1);
-    }
-
-    #[test]
-    fn an_uncapped_default_is_trued_up() {
-        let charged = Charged {
-            prompt_tokens: 100,
-            output_tokens: 1024,
-            output_capped: false,
-        };
-        assert_eq!(settlement(charged, 100, 24, Accounting::Reserved), -1000);
-        assert_eq!(settlement(charged, 100, 2024, Accounting::Reserved), 1000);
     }
 }

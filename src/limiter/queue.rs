@@ -22,19 +22,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::QueueConfig;
-use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Resource, Shortfall, DAY, MINUTE};
+use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Resource, Shortfall};
 use crate::limiter::gate::{Circuit, Gate, Pass, Probe, ProbeOutcome};
 use crate::priority::{ByPriority, Priority};
-use crate::upstream::ratelimit::{self, RateLimitHeaders};
+use crate::upstream::ratelimit::RateLimitHeaders;
 
-/// Header resets longer than this describe a daily window: a per-minute bucket is full again
-/// within a minute, or within two when it is in debt (rejected requests count too).
-const MINUTE_RESET_MAX: Duration = Duration::from_secs(125);
-
-/// How long a learned limit stands without a response confirming it. Every response with
-/// rate-limit headers confirms it, so only a bucket that sent nothing upstream for this long
-/// (idle, or refusing everything on a limit that was wrong) forgets it and learns it anew.
-const LEARNED_TTL: Duration = Duration::from_secs(3600);
+use super::learn::{views, warn_if_above_upstream, Learned, Mark};
 
 /// Why a request was not admitted.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,23 +109,13 @@ struct State {
     configured: Limits,
     /// The configuration (reload count) `configured` came from.
     generation: u64,
-    /// Limits the upstream's headers announced.
-    learned: Limits,
-    /// When a response last announced a limit.
-    learned_at: Option<Instant>,
-    /// Unknown limits are learned from the upstream (`upstream.learn_limits`).
-    learns: bool,
+    /// What the upstream's answers taught: limits, and the sends its headers are read against.
+    learned: Learned,
     gate: Gate,
     classes: ByPriority<VecDeque<Waiter>>,
     /// Total cost queued per class, for predicting waits in O(1).
     queued: ByPriority<Cost>,
     next_id: u64,
-    /// The latest sends upstream (re-sends included), oldest first, to tell what a header
-    /// has not seen.
-    dispatches: VecDeque<Dispatch>,
-    next_dispatch: u64,
-    /// The last rate-limit headers the upstream sent, and when.
-    upstream: Option<(RateLimitHeaders, Instant)>,
     last_429: Option<Last429>,
 }
 
@@ -144,34 +127,6 @@ pub struct Last429 {
     pub reason: &'static str,
     /// How long the bucket paused for it.
     pub wait: Duration,
-}
-
-/// When a request was sent upstream, and which send it was, so a header it brings back can
-/// be corrected for what was sent after it.
-#[derive(Clone, Copy, Debug)]
-pub struct Mark {
-    at: Instant,
-    seq: u64,
-}
-
-/// One send upstream, and what the upstream had left when it admitted it (per resource: the
-/// `remaining` of its response's headers), once known.
-#[derive(Clone, Copy, Debug)]
-struct Dispatch {
-    seq: u64,
-    cost: Cost,
-    remaining: [Option<f64>; 2],
-}
-
-/// Sends remembered per bucket. A header is corrected for the sends after its own; one
-/// older than this many sends is long superseded by newer headers.
-const TRACKED_DISPATCHES: usize = 1024;
-
-fn resource_index(resource: Resource) -> usize {
-    match resource {
-        Resource::Requests => 0,
-        Resource::Tokens => 1,
-    }
 }
 
 /// A request let through by [`BucketQueue::admit`].
@@ -225,32 +180,6 @@ impl State {
         true
     }
 
-    /// Where the send `seq` is among those remembered.
-    fn dispatch_index(&self, seq: u64) -> Option<usize> {
-        let first = self.dispatches.front()?.seq;
-        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
-        // Sends removed from the middle (refused connections) shift the rest down.
-        let guess = index.min(self.dispatches.len().saturating_sub(1));
-        self.dispatches
-            .range(..=guess)
-            .rposition(|dispatch| dispatch.seq == seq)
-    }
-
-    /// The units of `resource` sent after the send `seq` that the upstream had not counted
-    /// when it admitted `seq` with `remaining` left: all of them, except those whose own
-    /// answers showed more left (the upstream admitted them first, so `remaining` already
-    /// counts them).
-    fn unseen_since(&self, seq: u64, resource: Resource, remaining: f64) -> f64 {
-        let index = resource_index(resource);
-        self.dispatches
-            .iter()
-            .rev()
-            .take_while(|dispatch| dispatch.seq > seq)
-            .filter(|dispatch| !dispatch.remaining[index].is_some_and(|seen| seen > remaining))
-            .map(|dispatch| dispatch.cost.of(resource))
-            .sum()
-    }
-
     /// Takes `cost` for the request at the head if the gate and the bucket let it go now.
     fn try_go(&mut self, cost: Cost, keep: f64, now: Instant) -> Go {
         let probe = match self.gate.check(false, now) {
@@ -291,13 +220,10 @@ impl State {
         bucket.max(gate)
     }
 
-    /// Forgets learned limits no response has confirmed for [`LEARNED_TTL`]; a bucket with
-    /// nothing configured then learns again, its next request going alone.
+    /// Forgets learned limits no response has confirmed for an hour; a bucket with nothing
+    /// configured then learns again, its next request going alone.
     fn age_learned(&mut self, org: &str, model: &str, now: Instant) {
-        let stale = self
-            .learned_at
-            .is_some_and(|at| now.saturating_duration_since(at) > LEARNED_TTL);
-        if !stale || self.learned.is_empty() {
+        if !self.learned.is_stale(now) {
             return;
         }
         tracing::info!(
@@ -306,24 +232,19 @@ impl State {
             "learned limits unconfirmed for an hour; learning them again"
         );
         self.forget_learned(now);
-        if self.learns && self.configured.is_empty() {
+        if self.learned.enabled && self.configured.is_empty() {
             self.gate.relearn(now);
         }
     }
 
     fn forget_learned(&mut self, now: Instant) {
-        self.learned = Limits::default();
-        self.learned_at = None;
+        self.learned.forget();
         self.apply_limits(now);
     }
 
-    /// A request is larger than a limit in force. When that limit is only learned (the
-    /// configuration allows the request) and no response confirmed it for `interval`, the
-    /// learned limit is forgotten so this request goes upstream: its answer teaches the limit
-    /// again, whether it was real or came from a broken header. One header
-    /// (`x-ratelimit-limit-tokens: 1`) thus refuses a bucket's requests for at most `interval`,
-    /// and a real limit costs one refused request per `interval`. Returns whether it was
-    /// forgotten.
+    /// A request is larger than a limit in force: forgets the learned limit when the
+    /// configuration would allow the request and nothing confirmed it for `interval` (see
+    /// [`Learned::doubt`]), so the request goes to learn it again. Returns whether it did.
     fn doubt_learned(
         &mut self,
         oversize: Oversize,
@@ -331,30 +252,19 @@ impl State {
         interval: Duration,
         now: Instant,
     ) -> bool {
-        let Oversize {
-            resource, window, ..
-        } = oversize;
-        let configured_allows = self
-            .configured
-            .get(resource, window)
-            .is_none_or(|limit| cost.of(resource) <= limit as f64);
-        let learned = self.learned.get(resource, window);
-        let unconfirmed = self
-            .learned_at
-            .is_none_or(|at| now.saturating_duration_since(at) >= interval);
-        if !(configured_allows && learned.is_some() && unconfirmed) {
+        if !self
+            .learned
+            .doubt(&self.configured, oversize, cost, interval, now)
+        {
             return false;
         }
-        self.learned.clear(resource, window);
-        // The doubt counts as a confirmation: the next doubt waits a whole interval again.
-        self.learned_at = Some(now);
         self.apply_limits(now);
         true
     }
 
     /// Puts the tighter of the configured and learned limits in force, keeping what was spent.
     fn apply_limits(&mut self, now: Instant) {
-        let limits = self.configured.tightest(&self.learned);
+        let limits = self.configured.tightest(&self.learned.limits);
         if limits != self.limits {
             self.bucket.set_limits(&limits, now);
             self.limits = limits;
@@ -420,16 +330,11 @@ impl BucketQueue {
                 limits,
                 configured: limits,
                 generation: 0,
-                learned: Limits::default(),
-                learned_at: None,
-                learns: learn,
+                learned: Learned::new(learn),
                 gate,
                 classes: ByPriority::default(),
                 queued: ByPriority::default(),
                 next_id: 0,
-                dispatches: VecDeque::new(),
-                next_dispatch: 0,
-                upstream: None,
                 last_429: None,
             }),
         }
@@ -639,7 +544,12 @@ impl BucketQueue {
             state.gate.clear_pause();
             state.last_429 = None;
             state.forget_learned(now);
-            warn_if_above_upstream(&self.org, &self.model, &state.configured, &state.learned);
+            warn_if_above_upstream(
+                &self.org,
+                &self.model,
+                &state.configured,
+                &state.learned.limits,
+            );
             state.apply_limits(Instant::now());
         }
     }
@@ -651,29 +561,12 @@ impl BucketQueue {
 
     /// A request holding `cost` is being sent upstream (again, for a replay).
     pub fn dispatched(&self, cost: Cost) -> Mark {
-        let mut state = self.lock();
-        let seq = state.next_dispatch;
-        state.next_dispatch += 1;
-        if state.dispatches.len() >= TRACKED_DISPATCHES {
-            state.dispatches.pop_front();
-        }
-        state.dispatches.push_back(Dispatch {
-            seq,
-            cost,
-            remaining: [None; 2],
-        });
-        Mark {
-            at: Instant::now(),
-            seq,
-        }
+        self.lock().learned.dispatched(cost, Instant::now())
     }
 
     /// The send at `mark` never reached the upstream (its connection was refused).
     pub fn undispatched(&self, mark: Mark) {
-        let mut state = self.lock();
-        if let Some(index) = state.dispatch_index(mark.seq) {
-            state.dispatches.remove(index);
-        }
+        self.lock().learned.undispatched(mark);
     }
 
     /// Corrects the bucket toward the upstream's view in `headers`, which came back for a
@@ -687,19 +580,8 @@ impl BucketQueue {
         if headers.is_empty() {
             return;
         }
-        state.upstream = Some((headers.clone(), now));
-        let views: Vec<(Resource, View)> = Resource::BOTH
-            .into_iter()
-            .filter_map(|resource| View::of(headers, resource).map(|view| (resource, view)))
-            .collect();
-
-        let mut learned = state.learned;
-        for (resource, view) in &views {
-            if let Some(limit) = view.limit {
-                learned.set(*resource, view.window, limit);
-            }
-        }
-        if learned != state.learned {
+        let views = views(headers);
+        if let Some(learned) = state.learned.learn(headers, &views, now) {
             warn_if_above_upstream(&self.org, &self.model, &state.configured, &learned);
             tracing::info!(
                 org = %self.org,
@@ -710,37 +592,15 @@ impl BucketQueue {
                 tpd = ?learned.tpd,
                 "learned the upstream's limits"
             );
-            state.learned = learned;
             state.apply_limits(now);
         }
-        if !learned.is_empty() {
-            state.learned_at = Some(now);
+        if !state.learned.limits.is_empty() {
             state.gate.learned();
         }
-
-        let age = now.saturating_duration_since(mark.at);
-        let own = state.dispatch_index(mark.seq);
-        for (resource, view) in &views {
-            if let Some(remaining) = view.remaining {
-                let remaining = remaining as f64;
-                let unseen = state.unseen_since(mark.seq, *resource, remaining);
-                state
-                    .bucket
-                    .observe(*resource, view.window, remaining, unseen, age, now);
-                if let Some(index) = own {
-                    state.dispatches[index].remaining[resource_index(*resource)] = Some(remaining);
-                }
-            }
-            // The reset tells how big the bucket really is: a quantized limit refills its
-            // small slice within a fraction of the minute.
-            if let (Some(capacity), Some(limit), true) =
-                (view.implied_capacity, view.limit, view.window == MINUTE)
-            {
-                if capacity < 0.9 * limit as f64 {
-                    state.bucket.shrink_burst(*resource, capacity, now);
-                }
-            }
-        }
+        let State {
+            learned, bucket, ..
+        } = &mut *state;
+        learned.correct(mark, &views, bucket, now);
     }
 
     /// The upstream answered a request of this bucket without a rate limit.
@@ -852,7 +712,7 @@ impl BucketQueue {
         let burst = Resource::BOTH.map(|resource| state.bucket.burst(resource));
         BucketStatus {
             configured: state.configured,
-            learned: state.learned,
+            learned: state.learned.limits,
             limits: state.limits,
             available,
             burst,
@@ -865,10 +725,7 @@ impl BucketQueue {
                 .filter(|wait| !wait.is_zero()),
             depth: state.depth(),
             replays: state.gate.replays(),
-            upstream: state
-                .upstream
-                .as_ref()
-                .map(|(headers, at)| (headers.clone(), now.saturating_duration_since(*at))),
+            upstream: state.learned.last_headers(now),
             last_429: state
                 .last_429
                 .map(|last| (last, now.saturating_duration_since(last.at))),
@@ -928,90 +785,6 @@ pub struct BucketStatus {
     /// The upstream's last rate-limit headers, and how long ago they came.
     pub upstream: Option<(RateLimitHeaders, Duration)>,
     pub last_429: Option<(Last429, Duration)>,
-}
-
-/// One resource as a response's headers describe it: the organization's and the project's
-/// families together (the tighter wins).
-#[derive(Clone, Copy, Debug)]
-struct View {
-    window: Duration,
-    limit: Option<u64>,
-    remaining: Option<u64>,
-    implied_capacity: Option<f64>,
-}
-
-impl View {
-    fn of(headers: &RateLimitHeaders, resource: Resource) -> Option<View> {
-        let families = match resource {
-            Resource::Requests => [
-                ratelimit::Resource::Requests,
-                ratelimit::Resource::ProjectRequests,
-            ],
-            Resource::Tokens => [
-                ratelimit::Resource::Tokens,
-                ratelimit::Resource::ProjectTokens,
-            ],
-        };
-        let mut view: Option<View> = None;
-        for family in families {
-            let Some(window) = headers.get(family) else {
-                continue;
-            };
-            let span = if window.reset.is_some_and(|reset| reset > MINUTE_RESET_MAX) {
-                DAY
-            } else {
-                MINUTE
-            };
-            let limit = window.limit.filter(|limit| *limit > 0);
-            let next = View {
-                window: span,
-                limit,
-                remaining: window.remaining,
-                implied_capacity: ratelimit::implied_capacity(&window, span.as_secs_f64()),
-            };
-            view = Some(match view {
-                None => next,
-                Some(current) => View {
-                    window: current.window,
-                    limit: min_some(current.limit, next.limit),
-                    remaining: min_some(current.remaining, next.remaining),
-                    implied_capacity: current.implied_capacity,
-                },
-            });
-        }
-        view
-    }
-}
-
-fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// A configured limit above what the upstream announces cannot be had: it is lowered, and
-/// the operator told.
-fn warn_if_above_upstream(org: &str, model: &str, configured: &Limits, learned: &Limits) {
-    for (name, configured, learned) in [
-        ("rpm", configured.rpm, learned.rpm),
-        ("tpm", configured.tpm, learned.tpm),
-        ("rpd", configured.rpd, learned.rpd),
-        ("tpd", configured.tpd, learned.tpd),
-    ] {
-        if let (Some(configured), Some(learned)) = (configured, learned) {
-            if configured > learned {
-                tracing::warn!(
-                    org,
-                    model,
-                    limit = name,
-                    configured,
-                    upstream = learned,
-                    "configured limit is above the upstream's; using the upstream's"
-                );
-            }
-        }
-    }
 }
 
 /// Leaves the replay line however the replay ends.
