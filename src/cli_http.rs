@@ -4,6 +4,8 @@
 //! Deliberately blocking and dependency-free: it runs as a short-lived process (every few
 //! seconds, for a health check) in an image without curl, and speaks plain `http://` only.
 //! Everything, connecting included, happens within one overall timeout.
+// The CLI runs no tokio runtime: its deadlines are the wall clock's.
+#![allow(clippy::disallowed_types)]
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};

@@ -184,6 +184,8 @@ impl Drop for LogGuard {
 }
 
 #[cfg(test)]
+// The writer is a plain thread, outside any runtime: its tests wait on the wall clock.
+#[allow(clippy::disallowed_types)]
 mod tests {
     use super::*;
     use std::time::Instant;
