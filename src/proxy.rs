@@ -23,11 +23,10 @@ use crate::config::{Accounting, Config, QueueConfig};
 use crate::endpoint::Endpoint;
 use crate::error::ProxyError;
 use crate::estimate::{estimate, Estimate};
-use crate::limiter::bucket::{Cost, Resource};
-use crate::limiter::queue::Evidence;
+use crate::limiter::bucket::Cost;
 use crate::limiter::{Charged, Reservation};
 use crate::org::Identity;
-use crate::retry::{self, Class, ErrorBody, Limited as LimitedResource};
+use crate::retry::{self, Class, Decision, Draws, ErrorBody};
 use crate::state::{AppState, Live};
 use crate::upstream::body::{BodyEnd, BodyOutcome, Ended, ObservedBody, UsageTap};
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
@@ -40,14 +39,6 @@ const BLOCKING_ESTIMATE_BYTES: usize = 64 * 1024;
 
 /// Error bodies (429, 5xx) are read whole to classify them; real ones are a few hundred bytes.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-
-/// A 429's pause is spread by up to this share of its hint (at most [`MAX_JITTER`]), so the
-/// requests of several sluice instances do not return in lockstep.
-const JITTER_SHARE: f64 = 0.1;
-const MAX_JITTER: Duration = Duration::from_millis(250);
-
-/// The longest an open circuit waits beyond the 429's own hint.
-const MAX_CIRCUIT_OPEN: Duration = Duration::from_secs(5);
 
 /// A request body on its way upstream.
 enum RequestBody {
@@ -317,10 +308,6 @@ impl Exchange<'_> {
         matches!(self.body, Some(RequestBody::Read(_)))
     }
 
-    fn may_try_again(&self) -> bool {
-        self.resendable() && self.attempt < self.config.retry.max_attempts
-    }
-
     async fn run(
         &mut self,
         admission: &mut Option<Admission>,
@@ -338,7 +325,12 @@ impl Exchange<'_> {
                     // (refused connection, a pooled connection found closed before the write)
                     // goes again: one that broke after it was written may have run.
                     if err.retriable() {
-                        if let Some(wait) = self.retry_wait(None) {
+                        let now = Instant::now();
+                        let attempt = self.attempt_state(admission);
+                        let config = &self.config.retry;
+                        let wait = retry::retry_wait(None, &attempt, config, Draws::random(), now)
+                            .filter(|_| self.state.retry_budget.try_withdraw(now));
+                        if let Some(wait) = wait {
                             record.retried("connection");
                             tracing::info!(
                                 attempt = self.attempt,
@@ -407,18 +399,83 @@ impl Exchange<'_> {
             if status == StatusCode::TOO_MANY_REQUESTS {
                 record.upstream_429(class.label());
             }
-            match class {
-                Class::RateLimited(_) | Class::SlowDown => {
-                    let paused = self.pause(class, &error, &limits, admission);
-                    match unless_left(watch, paused).await? {
+            // A server error or a fatal one is an answer: the bucket's probe, if this was
+            // one, has its outcome.
+            if matches!(class, Class::Overloaded | Class::ServerError | Class::Fatal) {
+                if let Some(admitted) = admission.as_mut() {
+                    admitted.reservation.answered();
+                }
+            }
+            let hinted = match class {
+                Class::RateLimited(_) | Class::SlowDown => admission.is_some(),
+                Class::Overloaded | Class::ServerError => true,
+                Class::Quota | Class::TooLarge | Class::Fatal => false,
+            };
+            let failure = retry::Failure {
+                class,
+                hint: if hinted {
+                    self.wait_hint(class, &error, &limits)
+                } else {
+                    None
+                },
+                limits: &limits,
+                error: error.parsed.as_ref(),
+            };
+            let now = Instant::now();
+            let attempt = self.attempt_state(admission);
+            match retry::decide(&failure, &attempt, &self.config.retry, Draws::random(), now) {
+                Decision::Pause(pause) => {
+                    let Some(admitted) = admission.as_mut() else {
+                        return Ok(Answer::buffered(error.status, error.headers, error.body));
+                    };
+                    let opened = admitted.reservation.rate_limited(
+                        pause.resume,
+                        pause.reset,
+                        pause.evidence,
+                        class.label(),
+                    );
+                    tracing::info!(
+                        org = %self.org,
+                        reason = class.label(),
+                        attempt = self.attempt,
+                        wait_ms = pause.wait.as_millis() as u64,
+                        hint = pause.source.map_or("backoff", retry::HintSource::label),
+                        circuit_opened = opened,
+                        "upstream 429; pausing the bucket and replaying"
+                    );
+                    if !pause.replay {
+                        let wait = pause.resume.saturating_duration_since(now);
+                        return Ok(honest_429(&error, wait));
+                    }
+                    let replayed = admitted.reservation.replay(self.deadline);
+                    match unless_left(watch, replayed).await? {
                         Ok(()) => {
                             record.retried("rate_limit");
                             continue;
                         }
-                        Err(answer) => return Ok(answer),
+                        Err(wait) => return Ok(honest_429(&error, wait)),
                     }
                 }
-                Class::Quota => {
+                Decision::Retry(wait) if self.state.retry_budget.try_withdraw(now) => {
+                    record.retried("server_error");
+                    tracing::info!(
+                        status = status.as_u16(),
+                        attempt = self.attempt,
+                        wait_ms = wait.as_millis() as u64,
+                        "upstream failed; retrying"
+                    );
+                    unless_left(watch, tokio::time::sleep(wait)).await?;
+                    continue;
+                }
+                Decision::Retry(_) | Decision::Answer => {
+                    return Ok(Answer::buffered(error.status, error.headers, error.body));
+                }
+                Decision::Refuse => {
+                    let mut headers = error.headers;
+                    headers.insert("x-should-retry", HeaderValue::from_static("false"));
+                    return Ok(Answer::buffered(error.status, headers, error.body));
+                }
+                Decision::CoolDown => {
                     tracing::warn!(
                         org = %self.org,
                         code = error.parsed.as_ref().and_then(|e| e.code.as_deref()).unwrap_or(""),
@@ -433,38 +490,9 @@ impl Exchange<'_> {
                         headers.clone(),
                         error.body.clone(),
                         self.config.retry.quota_cooldown,
-                        Instant::now(),
+                        now,
                     );
                     return Ok(Answer::buffered(error.status, headers, error.body));
-                }
-                Class::TooLarge => {
-                    let mut headers = error.headers;
-                    headers.insert("x-should-retry", HeaderValue::from_static("false"));
-                    return Ok(Answer::buffered(error.status, headers, error.body));
-                }
-                Class::Overloaded | Class::ServerError => {
-                    if let Some(admitted) = admission.as_mut() {
-                        admitted.reservation.answered();
-                    }
-                    let hint = self.wait_hint(class, &error, &limits).map(|(wait, _)| wait);
-                    if let Some(wait) = self.retry_wait(hint) {
-                        record.retried("server_error");
-                        tracing::info!(
-                            status = status.as_u16(),
-                            attempt = self.attempt,
-                            wait_ms = wait.as_millis() as u64,
-                            "upstream failed; retrying"
-                        );
-                        unless_left(watch, tokio::time::sleep(wait)).await?;
-                        continue;
-                    }
-                    return Ok(Answer::buffered(error.status, error.headers, error.body));
-                }
-                Class::Fatal => {
-                    if let Some(admitted) = admission.as_mut() {
-                        admitted.reservation.answered();
-                    }
-                    return Ok(Answer::buffered(error.status, error.headers, error.body));
                 }
             }
         }
@@ -530,97 +558,16 @@ impl Exchange<'_> {
         retry::wait_hint(class, &error.headers, limits, parsed, now)
     }
 
-    /// How long to wait before retrying a failure (a 5xx or a refused connection), or `None`
-    /// when it must not be retried: the body cannot be sent again, attempts or the retry
-    /// budget are spent, or the wait would pass the deadline.
-    fn retry_wait(&self, hint: Option<Duration>) -> Option<Duration> {
-        if !self.may_try_again() {
-            return None;
-        }
-        let config = &self.config.retry;
-        let backoff = retry::backoff(
-            self.attempt.saturating_sub(1),
-            config.backoff_base,
-            config.backoff_max,
-            fastrand::f64(),
-        );
-        // A failing upstream's hint is a minimum, not a licence: `retry-after: 0` on every
-        // 5xx of a burst must not send the attempts back to back.
-        let wait = hint.map_or(backoff, |hint| hint.max(backoff));
-        let now = Instant::now();
-        if now + wait > self.deadline {
-            return None;
-        }
-        self.state.retry_budget.try_withdraw(now).then_some(wait)
-    }
-
-    /// A rate-limit 429: pauses the bucket until the upstream's hint and waits, keeping the
-    /// reservation and the head of the line, to send the request again. `Err` carries the
-    /// answer for the client when it cannot be sent again in time.
-    async fn pause(
-        &mut self,
-        class: Class,
-        error: &UpstreamError,
-        limits: &RateLimitHeaders,
-        admission: &mut Option<Admission>,
-    ) -> Result<(), Answer> {
-        let passthrough =
-            || Answer::buffered(error.status, error.headers.clone(), error.body.clone());
-        let Some(admitted) = admission.as_mut() else {
-            // Nothing meters this request (no bucket to pause): the client decides.
-            return Err(passthrough());
-        };
-        let config = &self.config.retry;
-        let now = Instant::now();
-        let hinted = self.wait_hint(class, error, limits);
-        let hint = hinted.map_or_else(
-            || {
-                retry::backoff(
-                    self.attempt.saturating_sub(1),
-                    config.backoff_base,
-                    config.backoff_max,
-                    fastrand::f64(),
-                )
-            },
-            |(wait, _)| wait,
-        );
-        // The refused request was counted too (PROTOCOL §1): the hint is when this request
-        // would have fitted before that, so the replay waits one more of its share.
-        let hint = hint + refused_share(class, limits, admitted.reservation.cost());
-        let jitter_cap = hint.mul_f64(JITTER_SHARE).min(MAX_JITTER);
-        let resume = now + retry::jitter(hint, jitter_cap, fastrand::f64());
-        // The announced reset is when the bucket is full again (up to a minute for a drained
-        // per-minute bucket); the circuit needs only room again, so it waits at most
-        // MAX_CIRCUIT_OPEN past the hint.
-        let reset = now + announced_reset(class, limits).clamp(hint, hint + MAX_CIRCUIT_OPEN);
-        let cost = admitted.reservation.cost();
-        let evidence = match (
-            burst_evidence(class, limits, error.parsed.as_ref(), cost),
-            class,
-        ) {
-            (Some(resource), _) => Evidence::Burst(resource),
-            // sluice admitted it, so its own account had room: someone else spent it.
-            (None, Class::RateLimited(_)) => Evidence::Contention,
-            (None, _) => Evidence::Nothing,
-        };
-        let opened = admitted
-            .reservation
-            .rate_limited(resume, reset, evidence, class.label());
-        tracing::info!(
-            org = %self.org,
-            reason = class.label(),
-            attempt = self.attempt,
-            wait_ms = hint.as_millis() as u64,
-            hint = hinted.map_or("backoff", |(_, source)| source.label()),
-            circuit_opened = opened,
-            "upstream 429; pausing the bucket and replaying"
-        );
-        if self.attempt >= config.max_attempts || !self.resendable() {
-            return Err(honest_429(error, resume.saturating_duration_since(now)));
-        }
-        match admitted.reservation.replay(self.deadline).await {
-            Ok(()) => Ok(()),
-            Err(wait) => Err(honest_429(error, wait)),
+    /// Where the request stands, for the retry decision.
+    fn attempt_state(&self, admission: &Option<Admission>) -> retry::Attempt {
+        retry::Attempt {
+            made: self.attempt,
+            max: self.config.retry.max_attempts,
+            resendable: self.resendable(),
+            metered: admission
+                .as_ref()
+                .map(|admitted| admitted.reservation.cost()),
+            deadline: self.deadline,
         }
     }
 }
@@ -633,68 +580,6 @@ fn honest_429(error: &UpstreamError, wait: Duration) -> Answer {
     headers.insert("retry-after-ms", HeaderValue::from(millis));
     headers.insert("retry-after", HeaderValue::from(millis.div_ceil(1000)));
     Answer::buffered(error.status, headers, error.body.clone())
-}
-
-/// When the bucket the 429 is about is full again, as the upstream announced it: when an
-/// open circuit may try once more. For a 429 that names no resource, the longest per-minute
-/// reset; resets beyond a minute describe a daily bucket, which is the deadline's business.
-fn announced_reset(class: Class, limits: &RateLimitHeaders) -> Duration {
-    use ratelimit::Resource as Family;
-    let families: &[Family] = match class {
-        Class::RateLimited(LimitedResource::Requests) => {
-            &[Family::Requests, Family::ProjectRequests]
-        }
-        Class::RateLimited(LimitedResource::Tokens) => &[Family::Tokens, Family::ProjectTokens],
-        _ => &Family::ALL,
-    };
-    families
-        .iter()
-        .filter_map(|family| limits.get(*family)?.reset)
-        .filter(|reset| *reset <= Duration::from_secs(61))
-        .max()
-        .unwrap_or(Duration::ZERO)
-}
-
-/// How long the upstream takes to refill what the refused request itself cost, capped.
-fn refused_share(class: Class, limits: &RateLimitHeaders, cost: Cost) -> Duration {
-    let (family, units) = match class {
-        Class::RateLimited(LimitedResource::Tokens) => (ratelimit::Resource::Tokens, cost.tokens),
-        _ => (ratelimit::Resource::Requests, cost.requests.max(1)),
-    };
-    let Some(limit) = limits
-        .get(family)
-        .and_then(|window| window.limit)
-        .filter(|limit| *limit > 0)
-    else {
-        return Duration::ZERO;
-    };
-    Duration::from_secs_f64((units as f64 * 60.0 / limit as f64).min(10.0))
-}
-
-/// The resource whose burst the 429 shows is smaller than assumed: the upstream refused the
-/// request although its per-minute figures had room for it (a quantized limit).
-fn burst_evidence(
-    class: Class,
-    limits: &RateLimitHeaders,
-    error: Option<&ErrorBody>,
-    cost: Cost,
-) -> Option<Resource> {
-    let resource = match class {
-        Class::RateLimited(LimitedResource::Requests) => Resource::Requests,
-        Class::RateLimited(LimitedResource::Tokens) => Resource::Tokens,
-        _ => return None,
-    };
-    let family = match resource {
-        Resource::Requests => ratelimit::Resource::Requests,
-        Resource::Tokens => ratelimit::Resource::Tokens,
-    };
-    let needed = cost.of(resource).max(1.0);
-    if let Some(remaining) = limits.get(family).and_then(|window| window.remaining) {
-        return (remaining as f64 >= needed).then_some(resource);
-    }
-    let figures = ratelimit::message_figures(error?.message.as_deref()?)?;
-    let used = figures.used?;
-    (used + figures.requested <= figures.limit).then_some(resource)
 }
 
 /// Reads an upstream error response whole (bounded) to classify it.
