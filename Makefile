@@ -2,12 +2,12 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test test-rust test-e2e test-deploy test-adversary test-soak venv demo-mock demo bench adversary soak
+.PHONY: test test-rust test-e2e test-deploy test-adversary test-soak venv demo-mock demo bench adversary soak fuzz
 
-## Run every test: the Rust unit and integration tests, the SDK end-to-end tests, and the
+## Run every test: the Rust unit and integration tests, the SDK end-to-end tests, the
 ## deploy/ files (compose, Kubernetes, alert rules with promtool, dashboard) checked against
-## the binary.
-test: test-rust test-e2e test-deploy test-adversary
+## the binary, the adversarial clients, and the 2-minute soak.
+test: test-rust test-e2e test-deploy test-adversary test-soak
 
 test-rust:
 	@if cargo nextest --version >/dev/null 2>&1; then \
@@ -15,6 +15,10 @@ test-rust:
 	else \
 		cargo test --workspace --no-fail-fast; \
 	fi
+
+## The fuzz suite (tests/fuzz.rs) for 60 s per target instead of 3, one at a time (by hand).
+fuzz:
+	SLUICE_FUZZ_SECS=60 cargo nextest run --test fuzz --no-capture
 
 ## The official openai SDK, in a virtualenv of its own, against the built binaries.
 test-e2e: venv
@@ -33,7 +37,9 @@ adversary:
 	$(PYTHON) bench/adversary.py
 
 ## The soak run (bench/soak.py) in its bounded form: 2 minutes of mixed traffic with faults,
-## failing on RSS or descriptor growth, a lost request, or anything left in flight.
+## failing on RSS or descriptor growth (a second-half slope that also ends above the warm-up
+## peak: the allocator's warm-up steps are not a leak), a lost request, or anything left in
+## flight.
 test-soak:
 	cargo build --workspace --bins
 	$(PYTHON) bench/soak.py --seconds 120

@@ -7,11 +7,13 @@
 //! whatever the upstream sends.
 
 use std::borrow::Cow;
+use std::marker::PhantomData;
 
 use bytes::Bytes;
-use serde::de::IgnoredAny;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
-use serde_json::{json, Map, Value};
+use serde_json::value::RawValue;
 
 use crate::endpoint::Endpoint;
 
@@ -62,25 +64,66 @@ impl RawUsage {
     }
 }
 
+/// Reads an optional struct from a JSON object or `null` only. A derived struct also accepts
+/// an array, its elements read as the fields in order, so `"usage": [9, 12, null, null]`
+/// would otherwise be a usage.
+fn object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Visit<T>(PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Visit<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object or null")
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, inner: D) -> Result<Self::Value, D::Error> {
+            inner.deserialize_map(self)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    deserializer.deserialize_option(Visit(PhantomData))
+}
+
 /// A whole response body, or one stream event's data: only the members that matter here.
 /// Everything else is skipped without being built.
 #[derive(Deserialize)]
 struct Envelope<'a> {
+    #[serde(default, deserialize_with = "object")]
     usage: Option<RawUsage>,
     choices: Option<Vec<IgnoredAny>>,
     error: Option<IgnoredAny>,
     #[serde(rename = "type", borrow)]
     kind: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "object")]
     response: Option<ResponseObject>,
 }
 
 /// The `response` object inside a Responses API stream event.
 #[derive(Deserialize)]
 struct ResponseObject {
+    #[serde(default, deserialize_with = "object")]
     usage: Option<RawUsage>,
 }
 
-impl Envelope<'_> {
+impl<'a> Envelope<'a> {
+    /// Event data that is a JSON object (checked first: serde would read an array's elements
+    /// as the fields in order).
+    fn parse(data: &'a [u8]) -> Option<Self> {
+        object_start(data)?;
+        serde_json::from_slice(data).ok()
+    }
+
     /// A chat-style `{"error": ...}` or a Responses API `{"type": "error", ...}` event.
     fn is_error(&self) -> bool {
         self.error.is_some() || self.kind.as_deref() == Some("error")
@@ -106,6 +149,7 @@ fn is_json_space(b: u8) -> bool {
 pub fn usage_from_json(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
     struct Body {
+        #[serde(default, deserialize_with = "object")]
         usage: Option<RawUsage>,
     }
     object_start(body)?;
@@ -117,60 +161,102 @@ pub fn usage_from_json(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
 
 /// The members of a request body that decide whether sluice must ask for streamed usage.
 #[derive(Deserialize)]
-struct StreamRequest {
+struct StreamRequest<'a> {
     stream: Option<bool>,
-    /// `None` only when the member is absent: a `null` is `Some(Value::Null)`, so an insertion
-    /// can never duplicate the key.
-    #[serde(default, deserialize_with = "present")]
-    stream_options: Option<Value>,
+    /// `None` only when the member is absent: a `null` is `Some("null")`, so an insertion
+    /// can never duplicate the key. Borrowed from the body, so its place in it is known.
+    #[serde(default, borrow, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
 }
 
-fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(deserializer).map(Some)
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// An object's members in the order written, duplicates included, each value as its text.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Members<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// Rewrites a streaming chat/completions (or legacy completions) request body so the
 /// upstream reports usage: sets `stream_options.include_usage = true`, keeping every other
 /// member (and any other `stream_options` member). Returns `None`, meaning "send the body
-/// unchanged", when it is not a JSON object, not streaming (`stream` is not `true`), or
-/// already asks for usage.
+/// unchanged", when it is not a JSON object, not streaming (`stream` is not `true`),
+/// already asks for usage (the last `include_usage` of an object `stream_options` is `true`),
+/// or has a `stream_options` object with a key serde_json cannot read (a lone surrogate).
 ///
-/// Without a `stream_options` member (the usual case) the member is spliced in after the
-/// opening brace, so the rest of a possibly large body is copied byte for byte. Otherwise the
-/// body is re-serialized, which may reorder keys.
+/// Every byte outside the `stream_options` value is the client's, unchanged: numbers keep
+/// their spelling (no float rounding, no integer beyond 64 bits turned into a float), keys
+/// their order, whitespace its place. Without a `stream_options` member (the usual case) the
+/// member is spliced in after the opening brace. Otherwise only its value is replaced: by
+/// `{"include_usage":true}` when it is not an object, else by an object whose first member
+/// is `"include_usage":true`, followed by the old object's other members, their values
+/// copied as written.
 pub fn request_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
     let open = object_start(body)?;
-    let request: StreamRequest = serde_json::from_slice(body).ok()?;
+    let request: StreamRequest<'_> = serde_json::from_slice(body).ok()?;
     if request.stream != Some(true) {
         return None;
     }
-    match request.stream_options {
-        None => {
-            const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
-            // The object has a `stream` member, so the spliced one is followed by a comma.
-            let mut out = Vec::with_capacity(body.len() + MEMBER.len());
-            out.extend_from_slice(&body[..=open]);
-            out.extend_from_slice(MEMBER);
-            out.extend_from_slice(&body[open + 1..]);
-            Some(out)
+    let Some(options) = request.stream_options else {
+        const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+        // The object has a `stream` member, so the spliced one is followed by a comma.
+        let mut out = Vec::with_capacity(body.len() + MEMBER.len());
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(MEMBER);
+        out.extend_from_slice(&body[open + 1..]);
+        return Some(out);
+    };
+    let old = options.get();
+    // The value was borrowed from `body`, so its text is a sub-slice of it.
+    let start = (old.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let end = start
+        .checked_add(old.len())
+        .filter(|end| *end <= body.len())?;
+    let mut value = String::from(r#"{"include_usage":true"#);
+    if old.starts_with('{') {
+        let Members(members) = serde_json::from_str(old).ok()?;
+        let asked = members
+            .iter()
+            .rev()
+            .find(|(key, _)| key == "include_usage")
+            .is_some_and(|(_, value)| value.get() == "true");
+        if asked {
+            return None;
         }
-        Some(Value::Object(options))
-            if options.get("include_usage") == Some(&Value::Bool(true)) =>
-        {
-            None
-        }
-        Some(_) => {
-            let mut request: Map<String, Value> = serde_json::from_slice(body).ok()?;
-            let options = request.entry("stream_options").or_insert_with(|| json!({}));
-            match options {
-                Value::Object(options) => {
-                    options.insert("include_usage".to_owned(), Value::Bool(true));
-                }
-                other => *other = json!({ "include_usage": true }),
-            }
-            serde_json::to_vec(&request).ok()
+        for (key, raw) in members.iter().filter(|(key, _)| key != "include_usage") {
+            value.push(',');
+            value.push_str(&serde_json::to_string(key).ok()?);
+            value.push(':');
+            value.push_str(raw.get());
         }
     }
+    value.push('}');
+    let mut out = Vec::with_capacity(body.len() - old.len() + value.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(&body[end..]);
+    Some(out)
 }
 
 /// Bytes of an incomplete event kept for scanning when not stripping. Usage events are small
@@ -635,7 +721,7 @@ impl SseUsage {
         if !marks.usage && !marks.error {
             return false;
         }
-        let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(data) else {
+        let Some(envelope) = Envelope::parse(data) else {
             return false;
         };
         self.saw_error |= envelope.is_error();
@@ -667,7 +753,7 @@ impl SseUsage {
         if !candidate {
             return;
         }
-        let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(data) else {
+        let Some(envelope) = Envelope::parse(data) else {
             return;
         };
         self.saw_error |= envelope.is_error();
@@ -718,6 +804,7 @@ fn head_terminal(head: &[u8]) -> Option<Terminal> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::{json, Value};
 
     const CHAT_ID: &str = r#""id":"chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG","object":"chat.completion.chunk","created":1741570283,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_eb9dce56a8""#;
 
@@ -1253,10 +1340,55 @@ data: {"type":"error","code":"server_error","message":"The server had an error."
         }
     }
 
+    /// The rewritten body is the client's outside the `stream_options` value: numbers that a
+    /// round trip through `f64` or `u64` would change, key order, escapes and whitespace.
+    #[test]
+    fn request_stream_usage_keeps_the_rest_of_the_body_byte_for_byte() {
+        let head = r#"{ "model":"gpt-4o", "logit_bias":{"1734":-4.285522746181832e-197}, "seed":123456789012345678901234567890,"#;
+        let tail = r#", "stream":true,"z":1.0E+2, "a":"caf\u00e9","temperature":0.70 }"#;
+        let cases = [
+            ("null", r#"{"include_usage":true}"#),
+            ("{}", r#"{"include_usage":true}"#),
+            ("\"yes\"", r#"{"include_usage":true}"#),
+            ("[true]", r#"{"include_usage":true}"#),
+            ("false", r#"{"include_usage":true}"#),
+            (
+                r#"{"include_usage": false, "include_obfuscation" :false}"#,
+                r#"{"include_usage":true,"include_obfuscation":false}"#,
+            ),
+            (
+                r#"{ "x\u0041":1e400, "include_usage":null, "n":-0.0 }"#,
+                r#"{"include_usage":true,"xA":1e400,"n":-0.0}"#,
+            ),
+            (
+                r#"{"include_usage":true,"include_usage":false}"#,
+                r#"{"include_usage":true}"#,
+            ),
+        ];
+        for (old, new) in cases {
+            let body = format!("{head}\n  \"stream_options\" :  {old}{tail}");
+            let out = request_stream_usage(body.as_bytes()).expect(old);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                format!("{head}\n  \"stream_options\" :  {new}{tail}"),
+                "{old}"
+            );
+        }
+        // Put last, and in a body with a number no 64-bit integer holds.
+        let body = br#"{"stream":true,"max_tokens":18446744073709551616,"stream_options":{}}"#;
+        assert_eq!(
+            String::from_utf8_lossy(&request_stream_usage(body).expect("rewritten")),
+            r#"{"stream":true,"max_tokens":18446744073709551616,"stream_options":{"include_usage":true}}"#
+        );
+    }
+
     #[test]
     fn request_stream_usage_leaves_other_bodies_alone() {
-        let bodies: [&[u8]; 9] = [
+        let bodies: [&[u8]; 12] = [
             br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":false,"include_usage":true}}"#,
+            br#"{"stream":true,"stream_options":null,"stream_options":{}}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":true,}}"#,
             br#"{"model":"m","stream":false}"#,
             br#"{"model":"m"}"#,
             br#"{"model":"m","stream":"true"}"#,
@@ -1310,10 +1442,13 @@ data: {"type":"error","code":"server_error","message":"The server had an error."
 
     #[test]
     fn usage_from_json_rejects_garbage() {
-        let bodies: [&[u8]; 10] = [
+        let bodies: [&[u8]; 12] = [
             b"",
             b"not json",
             b"{",
+            // Arrays are not objects, whatever serde would make of their elements.
+            br#"{"usage":[9,12,null,null]}"#,
+            br#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
             br#"{"id":"x"}"#,
             br#"{"usage":null}"#,
             br#"{"usage":{}}"#,
@@ -1330,6 +1465,20 @@ data: {"type":"error","code":"server_error","message":"The server had an error."
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn arrays_are_not_usage_or_events() {
+        let whole = format!(
+            "data: {{{CHAT_ID},\"choices\":[],\"usage\":[9,12,null,null]}}\n\n\
+             data: [{{\"prompt_tokens\":5}},[],null,null,{{\"usage\":{{}}}}]\n\ndata: [DONE]\n\n"
+        );
+        let (out, sse) = run(Endpoint::ChatCompletions, true, whole.as_bytes(), &[]);
+        assert_eq!(out, whole.as_bytes());
+        assert_eq!(sse.usage(), None);
+        let failed = r#"data: {"type":"response.completed","response":[{"input_tokens":1}]}"#;
+        let (_, sse) = run(Endpoint::Responses, false, failed.as_bytes(), &[]);
+        assert_eq!(sse.usage(), None);
     }
 
     #[test]
