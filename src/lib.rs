@@ -1,26 +1,39 @@
 //! sluice: a rate-limit-aware reverse proxy for OpenAI-compatible APIs.
 //!
-//! Every request goes through the same lifecycle (see [`proxy`]):
-//! route ([`endpoint`]) -> read the body -> forward ([`upstream`]) -> relay the response
-//! unchanged, streaming -> record ([`access`], [`metrics`]).
+//! Every request goes through the same phases (see [`proxy`], and `docs/architecture.md` for
+//! one request walked through): route ([`endpoint`]) -> identify the org ([`org`]) -> read the
+//! body ([`body_budget`]) -> estimate ([`estimate`]) and admit ([`limiter`]) -> exchange with
+//! the upstream ([`upstream`], [`retry`]) -> relay the answer unchanged -> settle and record
+//! ([`access`], [`metrics`]). What sluice relies on about the upstream is in
+//! `docs/upstream.md`.
 //!
-//! Module map:
-//! - [`config`]: the TOML file and overrides, validated into [`config::Config`].
-//! - [`reload`]: SIGHUP and file changes put a new configuration in force.
-//! - [`server`]: shared state, the router, health and metrics endpoints, graceful drain.
+//! Module map, from the process down:
 //! - [`workers`]: the event-loop threads, one socket each.
+//! - [`server`]: the router, the operational endpoints, the accept loop, graceful drain.
 //! - [`client`]: the client connection, and whether a waiting request's client has left.
-//! - [`proxy`]: the lifecycle, in phase order.
+//! - [`reload`]: SIGHUP and file changes put a new configuration in force.
+//! - [`state`]: what every handler shares, and the configuration in force ([`state::Live`]).
+//! - [`proxy`]: the lifecycle, in phase order (route, identify, read; admission; exchange;
+//!   relay).
+//! - [`limiter`]: admission: the table of buckets, the budget's arithmetic, the waiting
+//!   line, what the upstream's headers teach, the gate (pause, circuit, probes), the
+//!   reservation and its settlement.
+//! - [`retry`]: the retry policy: classify a failure, its wait hint, backoff, the decision
+//!   after a failed attempt, the retry budget.
+//! - [`quota`]: orgs out of quota, answered from a cool-down without calling upstream.
+//! - [`estimate`]: token estimation per endpoint, with the model's own encoding.
+//! - [`org`]: which organization (budget) a request spends from, by key or client token.
+//! - [`priority`]: interactive or batch, and values kept per class.
+//! - [`upstream`]: the per-worker HTTP clients, header rules, rate-limit headers, usage, the
+//!   observed response body.
 //! - [`endpoint`]: a request path's canonical spelling, and which OpenAI endpoint it names.
 //! - [`body_budget`]: the bound on request-body bytes read whole at once.
-//! - [`upstream`]: the shared HTTP client, header rules, the observed response body.
-//! - [`retry`]: the retry policy: classify a failure, its wait hint, backoff, the retry budget.
-//! - [`quota`]: orgs out of quota, answered from a cool-down without calling upstream.
 //! - [`access`]: the access-log line and request metrics of a finished exchange.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`config`]: the TOML file and overrides, read and validated into [`config::Config`].
+//! - [`error`]: the one error enum and its OpenAI-shaped response.
 //! - [`log_writer`]: the log's batched, lossless stderr writer.
 //! - [`status_view`]: the `/status` JSON as the table `sluice status` prints.
-//! - [`error`]: the one error enum and its OpenAI-shaped response.
 
 pub mod access;
 pub mod body_budget;

@@ -6,7 +6,7 @@
 //! [`wait_hint`] how long the upstream wants it to wait (else [`backoff`]), and the shared
 //! [`RetryBudget`] whether one more retry is affordable.
 //!
-//! Classification follows PROTOCOL §2: it reads the error body's `type` and `code`, and the
+//! Classification follows docs/upstream.md §2: it reads the error body's `type` and `code`, and the
 //! numbers in its message, never the message's prose.
 
 use std::sync::{Mutex, PoisonError};
@@ -219,7 +219,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// How long the upstream asked to wait before retrying, and where that came from, taking the
-/// first usable of, in the official SDKs' order and then the next-best hints (PROTOCOL §2):
+/// first usable of, in the official SDKs' order and then the next-best hints (docs/upstream.md §2):
 /// `retry-after-ms`, `retry-after` (relative to `now` when it is a date), the message's
 /// "try again in", and the `x-ratelimit-reset-*` of the limited resource.
 ///

@@ -1,4 +1,4 @@
-//! The limiter OpenAI's headers describe (PROTOCOL §1), as pure math: `now` is passed in.
+//! The limiter OpenAI's headers describe (docs/upstream.md §1), as pure math: `now` is passed in.
 //!
 //! Each resource is a bucket of capacity `Limit` refilling continuously at `Limit / 60 s`. With a
 //! quantum, a second, smaller bucket does the enforcing while the per-minute one keeps feeding
@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(outcome, Ok(()));
         assert_eq!(snap.requests.remaining, 499);
         assert_eq!(snap.tokens.remaining, 39_880);
-        // PROTOCOL §1: 500/499 gives 120ms, 40000/39880 gives 180ms.
+        // docs/upstream.md §1: 500/499 gives 120ms, 40000/39880 gives 180ms.
         assert_eq!(snap.requests.reset, secs(0.12));
         assert_eq!(crate::go_duration(snap.tokens.reset), "180ms");
     }

@@ -22,7 +22,7 @@ pub struct MockConfig {
     pub tpm: u64,
     /// Per-model overrides of `rpm` / `tpm`.
     pub model_limits: HashMap<String, Limits>,
-    /// Quantized enforcement (PROTOCOL §1): the buckets hold only `limit * quantum / 60 s` (at
+    /// Quantized enforcement (docs/upstream.md §1): the buckets hold only `limit * quantum / 60 s` (at
     /// least 1) while still refilling at `limit / 60 s`, so bursts below the per-minute total are
     /// rejected. Headers keep describing the per-minute bucket. `None` (or >= 60 s) enforces the
     /// whole minute.

@@ -1,4 +1,4 @@
-//! A mock OpenAI upstream that behaves like the real service (see `shared/PROTOCOL.md`):
+//! A mock OpenAI upstream that behaves like the real service (see `docs/upstream.md`):
 //! per-(organization, model) continuously refilling request and token buckets that charge the
 //! output cap at admission, `x-ratelimit-*` headers, OpenAI-worded 429s, SSE streams with usage,
 //! and injectable faults. Tests start it with [`MockServer::start`]; the `mock-openai` binary

@@ -1,5 +1,5 @@
 //! Token estimation: what a request will cost against a tokens-per-minute limit, known before
-//! it is sent (PROTOCOL.md section 4).
+//! it is sent (docs/upstream.md §4).
 //!
 //! [`estimate`] parses a request body once and returns its [`Estimate`]: the prompt tokens,
 //! counted the way OpenAI's cookbook counts them with the model's tiktoken [`Encoding`], and

@@ -7,7 +7,7 @@
 //! out larger than its estimate, and it then takes correspondingly longer to refill.
 //!
 //! Each limit refills at `limit / window`, up to its *burst*: normally the whole limit, but a
-//! provider may enforce 600 RPM as 10 per second (PROTOCOL §1, quantized limits). When the
+//! provider may enforce 600 RPM as 10 per second (docs/upstream.md §1, quantized limits). When the
 //! upstream shows that (a 429 while its per-minute figures had room, or figures that imply a
 //! smaller bucket), the burst shrinks to what it really allows at once; the rate stays. A
 //! shrunk burst doubles again every [`BURST_RETRY`] without new evidence.
@@ -28,7 +28,7 @@ pub const DAY: Duration = Duration::from_secs(86_400);
 
 /// How long a shrunk burst stays as it is before it doubles (back up to the whole limit).
 pub const BURST_RETRY: Duration = Duration::from_secs(60);
-/// The slice of a minute a per-minute limit may be enforced in (PROTOCOL §1: 60 000 RPM as
+/// The slice of a minute a per-minute limit may be enforced in (docs/upstream.md §1: 60 000 RPM as
 /// 1 000 per second): that much of a burst is assumed to be there without proof.
 pub const QUANTUM: Duration = Duration::from_secs(1);
 /// The most refill an unexpected 429 makes a bucket keep in hand (see [`Bucket::contended`]).
@@ -582,7 +582,7 @@ impl Bucket {
 
     /// A 429 although the upstream's per-minute budget had room: its burst is smaller than
     /// this bucket's, and empty now. The first time, the burst drops to one second's worth
-    /// (the quantum PROTOCOL §1 names); while the evidence continues, it halves. The level
+    /// (the quantum docs/upstream.md §1 names); while the evidence continues, it halves. The level
     /// drops to zero. The 429s of one overshoot count once.
     pub fn burst_refused(&mut self, resource: Resource, now: Instant) {
         if self

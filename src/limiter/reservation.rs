@@ -92,7 +92,7 @@ impl Reservation {
     /// `Err` with the remaining wait when that is after `deadline`.
     pub async fn replay(&mut self, deadline: Instant) -> Result<(), Duration> {
         let started = Instant::now();
-        // The refused attempt was counted as a request, not for its tokens (PROTOCOL §1).
+        // The refused attempt was counted as a request, not for its tokens (docs/upstream.md §1).
         let again = Cost {
             requests: self.cost.requests,
             tokens: 0,

@@ -252,7 +252,7 @@ pub struct ObservedBody<B, F: FnOnce(Ended)> {
     on_end: Option<F>,
 }
 
-/// The SSE event that ends a stream whose upstream broke (PROTOCOL §2: mid-stream errors
+/// The SSE event that ends a stream whose upstream broke (docs/upstream.md §2: mid-stream errors
 /// arrive as `data: {"error": ...}`).
 const BROKEN_STREAM_EVENT: &str = "data: {\"error\":{\"message\":\"The upstream connection broke mid-stream; this response is incomplete. Send the request again.\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_broken\"}}\n\n";
 

@@ -2,7 +2,7 @@
 //! `retry-after` family, and the figures inside a 429's message.
 //!
 //! Pure functions over text and headers: no I/O, and the current time is passed in where a
-//! value depends on it. Every input may be missing or malformed (PROTOCOL §1), so every parser
+//! value depends on it. Every input may be missing or malformed (docs/upstream.md §1), so every parser
 //! returns `None` rather than guessing, and none of them panics on any input. Header parsing
 //! runs on every upstream response, so it looks up a fixed set of names and allocates nothing.
 
@@ -484,7 +484,7 @@ impl RateLimitHeaders {
 /// The bucket capacity a window's `reset` implies: `remaining + reset_secs * limit /
 /// window_secs`.
 ///
-/// The upstream's limiter (PROTOCOL §1) is a bucket of capacity `limit` refilling at
+/// The upstream's limiter (docs/upstream.md §1) is a bucket of capacity `limit` refilling at
 /// `limit / window_secs` per second and reports `reset = (limit - remaining) * window_secs /
 /// limit`, the time to refill what is missing. Solving for the capacity gives this value,
 /// which equals `limit` (up to the reset's millisecond rounding) when the bucket enforced is
