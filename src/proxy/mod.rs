@@ -1,12 +1,12 @@
 //! The request lifecycle, one phase after the other, each in the file named:
-//! 1. route: the path's canonical spelling and its endpoint ([`route`], here);
-//! 2. identify: the org, from the headers alone, before any body is read ([`identify`]);
-//! 3. read the body whole, within the process's body budget ([`read_body`]);
+//! 1. route: the path's canonical spelling and its endpoint (`route`, here);
+//! 2. identify: the org, from the headers alone, before any body is read (`identify`);
+//! 3. read the body whole, within the process's body budget (`read_body`);
 //! 4. meter: estimate the tokens and wait for the bucket's budget (`admission.rs`);
 //! 5. forward upstream, replaying 429s and retrying what never reached it (`exchange.rs`);
 //! 6. relay the answer unchanged, then settle the reservation and record (`relay.rs`).
 //!
-//! A failure at any phase is answered as an OpenAI-shaped error ([`reject`]).
+//! A failure at any phase is answered as an OpenAI-shaped error (`reject`).
 
 mod admission;
 mod exchange;
