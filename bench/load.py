@@ -8,6 +8,10 @@ Everything targets 127.0.0.1, and every run is bounded by --duration.
 
     python3 bench/load.py [--duration 8] [--rounds 3] [--latency-duration 4] [--latency-rounds 7]
                           [--skip-build] [--sluice-arg=--config=FILE ...] [--scrape-interval 1]
+                          [--baseline OLD/sluice]
+
+With --baseline, a second sluice binary (an older build) runs against the same mock and is
+measured in the same rounds, so a change is compared side by side rather than across runs.
 
 With --scrape-interval, sluice is measured a second time in each round while a scraper
 fetches its /metrics every that many seconds (as Prometheus would), to show what scraping
@@ -205,6 +209,8 @@ def main():
     parser.add_argument("--latency-rounds", type=int, default=7, help="interleaved latency rounds")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--sluice-arg", action="append", default=[], help="extra argument for sluice")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="also measure this sluice binary (an older build, say), side by side")
     parser.add_argument("--scrape-interval", type=float, default=None,
                         help="also measure sluice while /metrics is scraped this often (seconds)")
     args = parser.parse_args()
@@ -229,6 +235,13 @@ def main():
         procs.append(nginx)
 
         targets = {"mock (direct)": mock_addr, "nginx": nginx_addr, "sluice": sluice_addr}
+        if args.baseline:
+            baseline, baseline_addr = start(
+                [args.baseline, "--listen", "127.0.0.1:0", "--upstream", f"http://{mock_addr}", *args.sluice_arg],
+                "stderr", workdir / "baseline.log", env={"SLUICE_CONFIG": ""},
+            )
+            procs.append(baseline)
+            targets[f"sluice (baseline {args.baseline})"] = baseline_addr
         scraped = None
         if args.scrape_interval:
             scraped = f"sluice, /metrics every {args.scrape_interval:g} s"
