@@ -55,8 +55,9 @@ def ensure_tools():
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
 
 
-def start(args, stream, log_path, env=None):
-    """Starts a server that prints 'listening on http://ADDR'; returns (process, addr)."""
+def start(args, stream, log_path, env=None, timeout=20):
+    """Starts a server that prints 'listening on http://ADDR' within `timeout` seconds;
+    returns (process, addr)."""
     log = open(log_path, "w")
     proc = subprocess.Popen(
         args,
@@ -78,7 +79,7 @@ def start(args, stream, log_path, env=None):
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(20):
+    if not ready.wait(timeout):
         proc.kill()
         sys.exit(f"{args[0]} did not start; see {log_path}")
     return proc, found["addr"]
