@@ -7,9 +7,9 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
+use super::issues::Issues;
 use super::raw::{RawKey, RawKeyHash, RawOrg};
 use super::sources::Sources;
-use super::validate::Issues;
 use super::{OrgConfig, UpstreamKey};
 use crate::priority::Priority;
 

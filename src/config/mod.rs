@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::limiter::bucket::Limits;
 use crate::priority::Priority;
 
+mod issues;
 mod keys;
 mod orgs;
 mod raw;

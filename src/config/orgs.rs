@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::issues::Issues;
 use super::keys::{self, KeyOwners};
 use super::raw::{RawLimits, RawOrg};
 use super::sources::Sources;
-use super::validate::Issues;
 use super::OrgConfig;
 use crate::limiter::bucket::Limits;
 

@@ -7,12 +7,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::issues::Issues;
 use super::orgs::validate_orgs;
 use super::raw::{RawConfig, RawEstimate, RawQueue, RawRetry, RawServer, RawUpstream};
 use super::sources::Sources;
 use super::{
-    Config, ConfigError, ConfigIssue, EstimateConfig, Overrides, QueueConfig, RetryConfig,
-    ServerConfig, UpstreamConfig, DEFAULT_LISTEN, DEFAULT_UPSTREAM,
+    Config, ConfigError, EstimateConfig, Overrides, QueueConfig, RetryConfig, ServerConfig,
+    UpstreamConfig, DEFAULT_LISTEN, DEFAULT_UPSTREAM,
 };
 
 const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
@@ -78,30 +79,6 @@ const DEFAULT_BACKOFF_MAX_SECS: f64 = 8.0;
 /// Quota errors do not clear by themselves; a minute spares the upstream a call per request
 /// while someone fixes billing, and a fixed org is back soon after.
 const DEFAULT_QUOTA_COOLDOWN_SECS: f64 = 60.0;
-
-/// Problems found so far; validation goes on after one, so all are reported together.
-#[derive(Default)]
-pub(super) struct Issues(Vec<ConfigIssue>);
-
-impl Issues {
-    pub(super) fn add(&mut self, key: &str, message: String) {
-        self.0.push(ConfigIssue {
-            key: key.to_owned(),
-            message,
-        });
-    }
-
-    /// The problems found, if there were any, as the error naming `source_name`.
-    fn into_result(self, source_name: &str) -> Result<(), ConfigError> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        Err(ConfigError {
-            source_name: source_name.to_owned(),
-            issues: self.0,
-        })
-    }
-}
 
 pub(super) fn validate(
     raw: RawConfig,

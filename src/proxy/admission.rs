@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use bytes::Bytes;
 use http::HeaderMap;
 use tokio::time::Instant;
@@ -20,12 +21,26 @@ use crate::limiter::{Charged, Reservation};
 use crate::state::{AppState, Live};
 use crate::upstream::usage::request_stream_usage;
 
-use super::exchange::RequestBody;
 use super::Asked;
 
 /// Bodies above this size are estimated on the blocking pool, so tokenizing a large prompt
 /// never stalls the requests sharing this worker thread.
 const BLOCKING_ESTIMATE_BYTES: usize = 64 * 1024;
+
+/// A request body on its way upstream.
+pub(super) enum RequestBody {
+    /// Read whole: an estimated endpoint's JSON. It can be sent again.
+    Read(Bytes),
+    /// Streamed through as it arrives: uploads, audio, everything else. Sent once.
+    Streaming(Body),
+}
+
+impl RequestBody {
+    /// Read whole (and so can be sent again).
+    pub(super) fn is_read(&self) -> bool {
+        matches!(self, Self::Read(_))
+    }
+}
 
 /// What admission decided for a request that spends budget.
 pub(super) struct Admission {

@@ -20,25 +20,10 @@ use crate::state::AppState;
 use crate::upstream::ratelimit::{self, RateLimitHeaders};
 use crate::upstream::{strip_hop_by_hop, SendError, TimedBody};
 
-use super::admission::{unless_left, Admission};
+use super::admission::{unless_left, Admission, RequestBody};
 
 /// Error bodies (429, 5xx) are read whole to classify them; real ones are a few hundred bytes.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-
-/// A request body on its way upstream.
-pub(super) enum RequestBody {
-    /// Read whole: an estimated endpoint's JSON. It can be sent again.
-    Read(Bytes),
-    /// Streamed through as it arrives: uploads, audio, everything else. Sent once.
-    Streaming(Body),
-}
-
-impl RequestBody {
-    /// Read whole (and so can be sent again).
-    pub(super) fn is_read(&self) -> bool {
-        matches!(self, Self::Read(_))
-    }
-}
 
 /// The answer that goes back to the client.
 pub(super) struct Answer {

@@ -33,8 +33,8 @@ use crate::upstream::body::{BodyEnd, BodyOutcome};
 use crate::upstream::request_headers;
 
 pub use admission::deadline;
-use admission::{Admission, Metered};
-use exchange::{Answer, Exchange, RequestBody};
+use admission::{Admission, Metered, RequestBody};
+use exchange::{Answer, Exchange};
 use relay::relay;
 
 /// Handles every request the server has no other route for.
