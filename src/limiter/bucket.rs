@@ -563,7 +563,7 @@ impl Bucket {
 
     /// Limits how much of `resource`'s per-minute limit may go at once to `burst` units (at
     /// least one unit), when the upstream shows it enforces the limit in smaller slices.
-    /// Never raises the burst; see [`Bucket::grow_burst`].
+    /// Never raises the burst: it doubles back toward the limit every [`BURST_RETRY`] by itself.
     pub fn shrink_burst(&mut self, resource: Resource, burst: f64, now: Instant) {
         self.refill(now);
         for meter in &mut self.meters {
