@@ -2019,59 +2019,16 @@ fn list_field(endpoint: Endpoint) -> Option<&'static str> {
     }
 }
 
-const WORDS: &[&str] = &[
-    "model",
-    "messages",
-    "role",
-    "content",
-    "type",
-    "text",
-    "image_url",
-    "input_image",
-    "input_audio",
-    "detail",
-    "high",
-    "tool_calls",
-    "function",
-    "function_call",
-    "name",
-    "arguments",
-    "input",
-    "prompt",
-    "suffix",
-    "tools",
-    "functions",
-    "parameters",
-    "n",
-    "best_of",
-    "max_tokens",
-    "max_completion_tokens",
-    "max_output_tokens",
-    "stream",
-    "stream_options",
-    "include_usage",
-    "instructions",
-    "output",
-    "response_format",
-    "json_schema",
-    "format",
-    "prediction",
-    "custom",
-    "audio",
-    "message",
-    "function_call_output",
-    "custom_tool_call",
-    "refusal",
-    "user",
-    "system",
-    "assistant",
-    "gpt-4o",
-    "gpt-4",
-    "text-embedding-3-small",
-];
+/// The names the estimator looks at, one per line: random bodies built from them reach deep
+/// into it (shared with the estimator's own property tests).
+fn words() -> Vec<&'static str> {
+    include_str!("fuzz-corpus/estimate-words.txt")
+        .lines()
+        .collect()
+}
 
 fn json_value() -> BoxedStrategy<Value> {
-    let word = || select(WORDS).prop_map(str::to_owned);
+    let word = || select(words()).prop_map(str::to_owned);
     let leaf = prop_oneof![
         1 => Just(Value::Null),
         1 => any::<bool>().prop_map(Value::Bool),
@@ -2104,7 +2061,7 @@ enum ValueEdit {
 }
 
 fn value_edit() -> impl Strategy<Value = (Index, ValueEdit)> {
-    let word = || select(WORDS).prop_map(str::to_owned);
+    let word = || select(words()).prop_map(str::to_owned);
     (
         any::<Index>(),
         prop_oneof![

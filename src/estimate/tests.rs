@@ -201,54 +201,13 @@ fn total_saturates() {
 
 /// JSON built from the names the estimator looks at, so that random bodies reach deep into it.
 fn json_value() -> impl Strategy<Value = Value> {
-    const WORDS: &[&str] = &[
-        "model",
-        "messages",
-        "role",
-        "content",
-        "type",
-        "text",
-        "image_url",
-        "input_image",
-        "input_audio",
-        "detail",
-        "high",
-        "tool_calls",
-        "function",
-        "function_call",
-        "name",
-        "arguments",
-        "input",
-        "prompt",
-        "suffix",
-        "tools",
-        "functions",
-        "parameters",
-        "n",
-        "best_of",
-        "max_tokens",
-        "max_completion_tokens",
-        "max_output_tokens",
-        "stream",
-        "stream_options",
-        "include_usage",
-        "instructions",
-        "output",
-        "response_format",
-        "json_schema",
-        "format",
-        "prediction",
-        "custom",
-        "audio",
-        "message",
-        "function_call_output",
-        "custom_tool_call",
-        "refusal",
-        "user",
-        "gpt-4o",
-        "gpt-4",
-    ];
-    let word = || proptest::sample::select(WORDS).prop_map(str::to_owned);
+    // The names the estimator looks at, shared with the fuzz suite.
+    let words = || {
+        include_str!("../../tests/fuzz-corpus/estimate-words.txt")
+            .lines()
+            .collect::<Vec<&'static str>>()
+    };
+    let word = move || proptest::sample::select(words()).prop_map(str::to_owned);
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
