@@ -11,9 +11,12 @@ use http::{Method, StatusCode};
 use tokio::time::Instant;
 
 use crate::endpoint::Endpoint;
+use crate::limiter::queue::Rejection;
 use crate::metrics::Metrics;
 use crate::priority::Priority;
+use crate::retry::RetryReason;
 use crate::upstream::body::{BodyEnd, BodyOutcome};
+use crate::upstream::ratelimit::Reason;
 
 /// What is known of an exchange while it runs; consumed by [`AccessRecord::finish`].
 pub struct AccessRecord {
@@ -78,30 +81,30 @@ impl AccessRecord {
         self.queue_ms = Some(millis(waited));
     }
 
-    /// sluice answered 429 itself (`reason`: deadline, queue_full, too_large).
-    pub fn rejected(&self, reason: &str) {
+    /// sluice answered 429 itself (reason label: see [`Rejection::label`]).
+    pub fn rejected(&self, rejection: &Rejection) {
         let (org, model) = self.labels();
         self.metrics
             .queue_rejections
-            .with_label_values(&[org, model, reason])
+            .with_label_values(&[org, model, rejection.label()])
             .inc();
     }
 
-    /// The upstream answered 429 (`reason`: see [`crate::retry::Class::label`]).
-    pub fn upstream_429(&self, reason: &str) {
+    /// The upstream answered 429.
+    pub fn upstream_429(&self, reason: Reason) {
         let (org, model) = self.labels();
         self.metrics
             .upstream_429
-            .with_label_values(&[org, model, reason])
+            .with_label_values(&[org, model, reason.as_str()])
             .inc();
     }
 
-    /// The request is sent upstream again (`reason`: rate_limit, server_error, connection).
-    pub fn retried(&self, reason: &str) {
+    /// The request is sent upstream again.
+    pub fn retried(&self, reason: RetryReason) {
         let (org, model) = self.labels();
         self.metrics
             .retries
-            .with_label_values(&[org, model, reason])
+            .with_label_values(&[org, model, reason.as_str()])
             .inc();
     }
 
@@ -200,11 +203,6 @@ impl AccessRecord {
             }
         }
         let total_ms = millis(self.started.elapsed());
-        let outcome = match end.outcome {
-            BodyOutcome::Complete => "complete",
-            BodyOutcome::Failed => "upstream_body_failed",
-            BodyOutcome::Cancelled => "client_cancelled",
-        };
         let (prompt_tokens, completion_tokens) = self.usage.unzip();
         let (est_prompt_tokens, est_output_tokens) = self.estimate.unzip();
         let line = Line {
@@ -224,7 +222,7 @@ impl AccessRecord {
             est_output_tokens,
             prompt_tokens,
             completion_tokens,
-            outcome,
+            outcome: end.outcome.as_str(),
             error: error_code.map(str::to_owned),
         };
         deferred::log(line);
@@ -509,7 +507,7 @@ impl Drop for AccessRecord {
                 est_output_tokens,
                 prompt_tokens: None,
                 completion_tokens: None,
-                outcome: "client_cancelled",
+                outcome: BodyOutcome::Cancelled.as_str(),
                 error: Some("client_cancelled".to_owned()),
             });
         }

@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 
 use crate::estimate::EstimateError;
-use crate::limiter::bucket::Resource;
 use crate::limiter::queue::Rejection;
+use crate::resource::Resource;
 use crate::upstream::{SendError, SendFailure};
 
 /// Whose fault a failure was: drives logging level and, later, whether a retry is safe.
@@ -173,7 +173,7 @@ impl ProxyError {
                 Rejection::TooLarge { resource, .. } | Rejection::Deadline { resource, .. } => {
                     resource.label()
                 }
-                Rejection::QueueFull { .. } => "requests",
+                Rejection::QueueFull { .. } => Resource::Requests.label(),
             };
         }
         match self.fault() {

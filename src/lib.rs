@@ -17,13 +17,14 @@
 //!   relay).
 //! - [`limiter`]: admission: the table of buckets, the budget's arithmetic, the waiting
 //!   line, what the upstream's headers teach, the gate (pause, circuit, probes), the
-//!   reservation and its settlement.
+//!   reservation and its settlement, and the typed `/status` document.
 //! - [`retry`]: the retry policy: classify a failure, its wait hint, backoff, the decision
 //!   after a failed attempt, the retry budget.
 //! - [`quota`]: orgs out of quota, answered from a cool-down without calling upstream.
 //! - [`estimate`]: token estimation per endpoint, with the model's own encoding.
 //! - [`org`]: which organization (budget) a request spends from, by key or client token.
 //! - [`priority`]: interactive or batch, and values kept per class.
+//! - [`resource`]: requests or tokens, what a limit meters, and values kept per resource.
 //! - [`upstream`]: the per-worker HTTP clients, header rules, rate-limit headers, usage, the
 //!   observed response body.
 //! - [`endpoint`]: a request path's canonical spelling, and which OpenAI endpoint it names.
@@ -50,6 +51,7 @@ pub mod priority;
 pub mod proxy;
 pub mod quota;
 pub mod reload;
+pub mod resource;
 pub mod retry;
 pub mod server;
 pub mod state;

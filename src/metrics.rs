@@ -583,8 +583,8 @@ impl Metrics {
             let org: &str = &queue.org;
             let model: &str = &queue.model;
             let status = queue.status();
-            if let Some((headers, _)) = &status.upstream {
-                for (resource, window) in headers.iter() {
+            if let Some(upstream) = &status.upstream {
+                for (resource, window) in upstream.headers.iter() {
                     let labels = [org, model, resource.label()];
                     if let Some(limit) = window.limit {
                         self.ratelimit_limit
@@ -603,8 +603,8 @@ impl Metrics {
                     }
                 }
             }
-            for (index, resource) in Resource::BOTH.into_iter().enumerate() {
-                if let Some(available) = status.available[index] {
+            for resource in Resource::BOTH {
+                if let Some(available) = *status.available.get(resource) {
                     self.bucket_available
                         .with_label_values(&[org, model, resource.label()])
                         .set(available);

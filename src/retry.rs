@@ -17,11 +17,12 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::config::RetryConfig;
-use crate::limiter::bucket::{Cost, Resource as BucketResource};
+use crate::limiter::bucket::Cost;
 use crate::limiter::queue::Evidence;
+use crate::resource::Resource;
 use crate::upstream::ratelimit::{
-    message_figures, parse_retry_after, parse_retry_after_ms, try_again_in, RateLimitHeaders,
-    Resource,
+    message_figures, parse_retry_after, parse_retry_after_ms, try_again_in, Family,
+    RateLimitHeaders, Reason, Scope,
 };
 
 /// The fields of an upstream error body that classification reads.
@@ -63,20 +64,13 @@ pub fn parse_error_body(body: &[u8]) -> Option<ErrorBody> {
     })
 }
 
-/// Which bucket a rate-limit 429 says is empty.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limited {
-    Requests,
-    Tokens,
-    /// Not stated: Azure's and Anthropic's 429s, or a body that could not be read.
-    Unknown,
-}
-
 /// What an upstream failure means for retrying it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// A bucket is momentarily empty: retry after the hinted wait.
-    RateLimited(Limited),
+    /// A bucket is momentarily empty: retry after the hinted wait. The resource the 429 says
+    /// ran out; `None` when it does not say (Azure's and Anthropic's 429s, or a body that
+    /// could not be read).
+    RateLimited(Option<Resource>),
     /// Traffic ramped up too fast: retry after the hinted wait, and ramp more gently.
     SlowDown,
     /// The request is larger than the whole token bucket: it can never succeed.
@@ -93,20 +87,23 @@ pub enum Class {
 }
 
 impl Class {
-    /// A Prometheus reason label: `requests`, `tokens`, `slow_down`, `quota`, `too_large` or
-    /// `other`.
-    pub fn label(self) -> &'static str {
+    /// What a 429 of this class says: a rate limit names its resource, when it does.
+    pub fn reason(self) -> Reason {
         match self {
-            Self::RateLimited(Limited::Requests) => "requests",
-            Self::RateLimited(Limited::Tokens) => "tokens",
-            Self::SlowDown => "slow_down",
-            Self::Quota => "quota",
-            Self::TooLarge => "too_large",
-            Self::RateLimited(Limited::Unknown)
-            | Self::Overloaded
-            | Self::ServerError
-            | Self::Fatal => "other",
+            Self::RateLimited(Some(resource)) => Reason::Limited(resource),
+            Self::SlowDown => Reason::SlowDown,
+            Self::Quota => Reason::Quota,
+            Self::TooLarge => Reason::TooLarge,
+            Self::RateLimited(None) | Self::Overloaded | Self::ServerError | Self::Fatal => {
+                Reason::Other
+            }
         }
+    }
+
+    /// A Prometheus reason label: `requests`, `tokens`, `slow_down`, `quota`, `too_large` or
+    /// `other` (see [`Reason::as_str`]).
+    pub fn label(self) -> &'static str {
+        self.reason().as_str()
     }
 
     /// Whether a later attempt of the same request can succeed.
@@ -169,11 +166,11 @@ fn classify_429(
     // `requests`, `tokens` and their variants (`tokens_usage_based`, daily ones); Azure's
     // code "429" and Anthropic's `rate_limit_error` do not say which bucket.
     let limited = match kind {
-        Some(k) if k.starts_with("requests") => Limited::Requests,
-        Some(k) if k.starts_with("tokens") => Limited::Tokens,
-        _ => Limited::Unknown,
+        Some(k) if k.starts_with("requests") => Some(Resource::Requests),
+        Some(k) if k.starts_with("tokens") => Some(Resource::Tokens),
+        _ => None,
     };
-    if limited != Limited::Requests {
+    if limited != Some(Resource::Requests) {
         // A request bigger than the whole bucket: the message's "Limit 30000, Requested 31538"
         // (no "Used" figure), or sluice's own estimate against the header's limit.
         let figures_too_large = body
@@ -292,33 +289,21 @@ fn hints(
 }
 
 fn reset_hint(class: Class, limits: &RateLimitHeaders) -> Option<Duration> {
-    let reset = |resource| {
+    let reset = |family| {
         limits
-            .get(resource)
+            .get(family)
             .and_then(|w| w.reset)
             .filter(|d| !d.is_zero())
     };
-    let first = |resources: [Resource; 3]| resources.into_iter().find_map(reset);
     match class {
-        Class::RateLimited(Limited::Requests) => first([
-            Resource::Requests,
-            Resource::ProjectRequests,
-            Resource::RequestsUsageBased,
-        ]),
-        Class::RateLimited(Limited::Tokens) => first([
-            Resource::Tokens,
-            Resource::ProjectTokens,
-            Resource::TokensUsageBased,
-        ]),
-        Class::RateLimited(Limited::Unknown) | Class::SlowDown => [
-            Resource::Requests,
-            Resource::Tokens,
-            Resource::ProjectRequests,
-            Resource::ProjectTokens,
-        ]
-        .into_iter()
-        .filter_map(reset)
-        .max(),
+        Class::RateLimited(Some(resource)) => Scope::ALL
+            .into_iter()
+            .find_map(|scope| reset(Family::of(resource, scope))),
+        Class::RateLimited(None) | Class::SlowDown => Family::ALL
+            .into_iter()
+            .filter(|family| family.scope() != Scope::UsageBased)
+            .filter_map(reset)
+            .max(),
         _ => None,
     }
 }
@@ -557,6 +542,28 @@ pub enum Decision {
     Retry(Duration),
 }
 
+/// Why a request is sent upstream again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryReason {
+    /// A rate-limit 429, replayed after its bucket's pause ([`Decision::Pause`]).
+    RateLimit,
+    /// A server error ([`Decision::Retry`]).
+    ServerError,
+    /// The connection failed before the request reached the upstream ([`retry_wait`]).
+    Connection,
+}
+
+impl RetryReason {
+    /// A Prometheus label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimit => "rate_limit",
+            Self::ServerError => "server_error",
+            Self::Connection => "connection",
+        }
+    }
+}
+
 /// Decides what follows a failed attempt, in the spirit of tower's `Policy::retry`: given the
 /// failure, where the request stands, the retry settings, random draws and `now`.
 pub fn decide(
@@ -670,14 +677,15 @@ fn pause(
 /// open circuit may try once more. For a 429 that names no resource, the longest per-minute
 /// reset; resets beyond a minute describe a daily bucket, which is the deadline's business.
 fn announced_reset(class: Class, limits: &RateLimitHeaders) -> Duration {
-    let families: &[Resource] = match class {
-        Class::RateLimited(Limited::Requests) => &[Resource::Requests, Resource::ProjectRequests],
-        Class::RateLimited(Limited::Tokens) => &[Resource::Tokens, Resource::ProjectTokens],
-        _ => &Resource::ALL,
-    };
-    families
-        .iter()
-        .filter_map(|family| limits.get(*family)?.reset)
+    Family::ALL
+        .into_iter()
+        .filter(|family| match class {
+            Class::RateLimited(Some(resource)) => {
+                family.resource() == resource && family.scope() != Scope::UsageBased
+            }
+            _ => true,
+        })
+        .filter_map(|family| limits.get(family)?.reset)
         .filter(|reset| *reset <= Duration::from_secs(61))
         .max()
         .unwrap_or(Duration::ZERO)
@@ -685,12 +693,12 @@ fn announced_reset(class: Class, limits: &RateLimitHeaders) -> Duration {
 
 /// How long the upstream takes to refill what the refused request itself cost, capped.
 fn refused_share(class: Class, limits: &RateLimitHeaders, cost: Cost) -> Duration {
-    let (family, units) = match class {
-        Class::RateLimited(Limited::Tokens) => (Resource::Tokens, cost.tokens),
+    let (resource, units) = match class {
+        Class::RateLimited(Some(Resource::Tokens)) => (Resource::Tokens, cost.tokens),
         _ => (Resource::Requests, cost.requests.max(1)),
     };
     let Some(limit) = limits
-        .get(family)
+        .get(Family::of(resource, Scope::Organization))
         .and_then(|window| window.limit)
         .filter(|limit| *limit > 0)
     else {
@@ -706,13 +714,12 @@ fn burst_evidence(
     limits: &RateLimitHeaders,
     error: Option<&ErrorBody>,
     cost: Cost,
-) -> Option<BucketResource> {
-    let (resource, family) = match class {
-        Class::RateLimited(Limited::Requests) => (BucketResource::Requests, Resource::Requests),
-        Class::RateLimited(Limited::Tokens) => (BucketResource::Tokens, Resource::Tokens),
-        _ => return None,
+) -> Option<Resource> {
+    let Class::RateLimited(Some(resource)) = class else {
+        return None;
     };
     let needed = cost.of(resource).max(1.0);
+    let family = Family::of(resource, Scope::Organization);
     if let Some(remaining) = limits.get(family).and_then(|window| window.remaining) {
         return (remaining as f64 >= needed).then_some(resource);
     }
@@ -845,8 +852,12 @@ mod tests {
     #[test]
     fn protocol_table_rows() {
         let rows: &[(u16, &str, Class)] = &[
-            (429, REQUESTS_429, Class::RateLimited(Limited::Requests)),
-            (429, TOKENS_429, Class::RateLimited(Limited::Tokens)),
+            (
+                429,
+                REQUESTS_429,
+                Class::RateLimited(Some(Resource::Requests)),
+            ),
+            (429, TOKENS_429, Class::RateLimited(Some(Resource::Tokens))),
             (429, TOO_LARGE_429, Class::TooLarge),
             (429, QUOTA_429, Class::Quota),
             (
@@ -860,8 +871,8 @@ mod tests {
             (504, SERVER_500, Class::ServerError),
             (401, BAD_KEY_401, Class::Fatal),
             (404, NO_MODEL_404, Class::Fatal),
-            (429, AZURE_429, Class::RateLimited(Limited::Unknown)),
-            (429, ANTHROPIC_429, Class::RateLimited(Limited::Unknown)),
+            (429, AZURE_429, Class::RateLimited(None)),
+            (429, ANTHROPIC_429, Class::RateLimited(None)),
             (529, ANTHROPIC_529, Class::Overloaded),
         ];
         for (status, json, want) in rows {
@@ -918,34 +929,30 @@ mod tests {
             (
                 Some("tokens_usage_based"),
                 Some("rate_limit_exceeded"),
-                Class::RateLimited(Limited::Tokens),
+                Class::RateLimited(Some(Resource::Tokens)),
             ),
             (
                 Some("requests_usage_based"),
                 Some("rate_limit_exceeded"),
-                Class::RateLimited(Limited::Requests),
+                Class::RateLimited(Some(Resource::Requests)),
             ),
             (
                 Some("tokens_per_day"),
                 None,
-                Class::RateLimited(Limited::Tokens),
+                Class::RateLimited(Some(Resource::Tokens)),
             ),
             (
                 Some("requests_per_day"),
                 None,
-                Class::RateLimited(Limited::Requests),
+                Class::RateLimited(Some(Resource::Requests)),
             ),
-            (
-                None,
-                Some("rate_limit_exceeded"),
-                Class::RateLimited(Limited::Unknown),
-            ),
+            (None, Some("rate_limit_exceeded"), Class::RateLimited(None)),
             (
                 Some("invalid_request_error"),
                 Some("something_new"),
-                Class::RateLimited(Limited::Unknown),
+                Class::RateLimited(None),
             ),
-            (None, None, Class::RateLimited(Limited::Unknown)),
+            (None, None, Class::RateLimited(None)),
         ];
         for (kind, code, want) in cases {
             let body = error(*kind, *code, None);
@@ -955,10 +962,7 @@ mod tests {
                 "{kind:?} {code:?}"
             );
         }
-        assert_eq!(
-            classify(429, None, None, None),
-            Class::RateLimited(Limited::Unknown)
-        );
+        assert_eq!(classify(429, None, None, None), Class::RateLimited(None));
     }
 
     #[test]
@@ -966,7 +970,7 @@ mod tests {
         // A momentary shortage ("Used" present, requested within the limit) is retryable.
         assert_eq!(
             classify_json(429, TOKENS_429),
-            Class::RateLimited(Limited::Tokens)
+            Class::RateLimited(Some(Resource::Tokens))
         );
         // Requested above the limit never fits, with or without a Used figure.
         let used = error(
@@ -983,15 +987,15 @@ mod tests {
         );
         assert_eq!(
             classify(429, Some(&bare), Some(40_000), Some(40_000)),
-            Class::RateLimited(Limited::Tokens)
+            Class::RateLimited(Some(Resource::Tokens))
         );
         assert_eq!(
             classify(429, Some(&bare), Some(40_001), None),
-            Class::RateLimited(Limited::Tokens)
+            Class::RateLimited(Some(Resource::Tokens))
         );
         assert_eq!(
             classify(429, Some(&bare), None, Some(1)),
-            Class::RateLimited(Limited::Tokens)
+            Class::RateLimited(Some(Resource::Tokens))
         );
         // Unknown resource (Azure, Anthropic, no body) can be too large too.
         assert_eq!(classify(429, None, Some(10), Some(5)), Class::TooLarge);
@@ -1004,7 +1008,7 @@ mod tests {
         let requests = error(Some("requests"), None, Some("Limit 3, Requested 5"));
         assert_eq!(
             classify(429, Some(&requests), Some(10), Some(5)),
-            Class::RateLimited(Limited::Requests)
+            Class::RateLimited(Some(Resource::Requests))
         );
         // A too-large request only matters on a 429.
         assert_eq!(classify_json(400, TOO_LARGE_429), Class::Fatal);
@@ -1031,9 +1035,13 @@ mod tests {
     #[test]
     fn labels_and_retryability() {
         let cases = [
-            (Class::RateLimited(Limited::Requests), "requests", true),
-            (Class::RateLimited(Limited::Tokens), "tokens", true),
-            (Class::RateLimited(Limited::Unknown), "other", true),
+            (
+                Class::RateLimited(Some(Resource::Requests)),
+                "requests",
+                true,
+            ),
+            (Class::RateLimited(Some(Resource::Tokens)), "tokens", true),
+            (Class::RateLimited(None), "other", true),
             (Class::SlowDown, "slow_down", true),
             (Class::TooLarge, "too_large", false),
             (Class::Quota, "quota", false),
@@ -1081,9 +1089,9 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    const TOKENS: Class = Class::RateLimited(Limited::Tokens);
-    const REQUESTS: Class = Class::RateLimited(Limited::Requests);
-    const UNKNOWN: Class = Class::RateLimited(Limited::Unknown);
+    const TOKENS: Class = Class::RateLimited(Some(Resource::Tokens));
+    const REQUESTS: Class = Class::RateLimited(Some(Resource::Requests));
+    const UNKNOWN: Class = Class::RateLimited(None);
 
     fn hint(
         class: Class,
@@ -1295,7 +1303,7 @@ mod tests {
         );
         limits = RateLimitHeaders::parse(&header_map(&[("x-ratelimit-reset-tokens", "2s")]));
         assert_eq!(
-            limits.get(Resource::Tokens),
+            limits.get(Family::Tokens),
             Some(Window {
                 limit: None,
                 remaining: None,
@@ -1615,7 +1623,7 @@ mod tests {
             let now = Instant::now();
             let none = headers(&[]);
             let hint = Duration::from_millis(800);
-            let limited = Class::RateLimited(Limited::Requests);
+            let limited = Class::RateLimited(Some(Resource::Requests));
             let pause = paused(decide(
                 &failure(limited, Some(hint), &none, None),
                 &attempt(1, now),
@@ -1645,7 +1653,7 @@ mod tests {
             let hint = Duration::from_secs(1);
             let pause = paused(decide(
                 &failure(
-                    Class::RateLimited(Limited::Requests),
+                    Class::RateLimited(Some(Resource::Requests)),
                     Some(hint),
                     &limits,
                     None,
@@ -1670,7 +1678,7 @@ mod tests {
             ]);
             let pause = paused(decide(
                 &failure(
-                    Class::RateLimited(Limited::Requests),
+                    Class::RateLimited(Some(Resource::Requests)),
                     Some(Duration::from_millis(100)),
                     &limits,
                     None,
@@ -1680,7 +1688,7 @@ mod tests {
                 FIXED,
                 now,
             ));
-            assert_eq!(pause.evidence, Evidence::Burst(BucketResource::Requests));
+            assert_eq!(pause.evidence, Evidence::Burst(Resource::Requests));
             // Without headers, the message's figures tell the same.
             let none = headers(&[]);
             let room = error(
@@ -1690,7 +1698,7 @@ mod tests {
             );
             let pause = paused(decide(
                 &failure(
-                    Class::RateLimited(Limited::Tokens),
+                    Class::RateLimited(Some(Resource::Tokens)),
                     Some(Duration::from_millis(6)),
                     &none,
                     Some(&room),
@@ -1700,7 +1708,7 @@ mod tests {
                 FIXED,
                 now,
             ));
-            assert_eq!(pause.evidence, Evidence::Burst(BucketResource::Tokens));
+            assert_eq!(pause.evidence, Evidence::Burst(Resource::Tokens));
         }
 
         #[test]
@@ -1727,7 +1735,7 @@ mod tests {
             let now = Instant::now();
             let none = headers(&[]);
             let limited = failure(
-                Class::RateLimited(Limited::Tokens),
+                Class::RateLimited(Some(Resource::Tokens)),
                 Some(Duration::from_secs(3)),
                 &none,
                 None,

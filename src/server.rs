@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::client::{ClientIo, ClientSocket};
 use crate::error::ProxyError;
+use crate::limiter::status::{BucketReport, QuotaCooldown, StatusDocument};
 use crate::proxy;
 use crate::state::{AppState, StartError};
 
@@ -100,92 +101,46 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     response
 }
 
-/// Every bucket as JSON: limits (configured, learned, in force), sluice's view, the
-/// upstream's last headers, the queue, the circuit and the last 429. `sluice status` prints it.
+/// Every bucket as JSON (a [`StatusDocument`]): limits (configured, learned, in force),
+/// sluice's view, the upstream's last headers, the queue, the circuit and the last 429.
+/// `sluice status` prints it.
 async fn status(State(state): State<Arc<AppState>>) -> Response {
-    let mut buckets: Vec<serde_json::Value> = state
+    let mut buckets: Vec<BucketReport> = state
         .limiter
         .buckets()
         .iter()
-        .map(|queue| bucket_json(queue))
+        .map(|queue| BucketReport::new(&queue.org, &queue.model, &queue.status()))
         .collect();
-    buckets.sort_by(|a, b| {
-        (a["org"].as_str(), a["model"].as_str()).cmp(&(b["org"].as_str(), b["model"].as_str()))
-    });
+    buckets.sort_by(|a, b| (&a.org, &a.model).cmp(&(&b.org, &b.model)));
     let now = tokio::time::Instant::now();
-    let cooldowns: Vec<serde_json::Value> = state
+    let quota_cooldowns = state
         .exhausted
         .orgs(now)
         .into_iter()
-        .map(|(org, left)| serde_json::json!({"org": &*org, "remaining_secs": left.as_secs_f64()}))
+        .map(|(org, left)| QuotaCooldown {
+            org: Some(org.to_string()),
+            remaining_secs: Some(left.as_secs_f64()),
+        })
         .collect();
-    let body = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "upstream": state.live().config.upstream.base_url,
-        "draining": state.is_draining(),
-        "quota_cooldowns": cooldowns,
-        "buckets": buckets,
-    });
-    let mut response = body.to_string().into_response();
+    let document = StatusDocument {
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        upstream: Some(state.live().config.upstream.base_url.clone()),
+        draining: Some(state.is_draining()),
+        quota_cooldowns,
+        buckets,
+    };
+    let body = match serde_json::to_string(&document) {
+        Ok(body) => body,
+        Err(err) => {
+            return ProxyError::Internal(format!("status encoding failed: {err}")).into_response()
+        }
+    };
+    let mut response = body.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-fn bucket_json(queue: &crate::limiter::queue::BucketQueue) -> serde_json::Value {
-    use crate::limiter::bucket::Limits;
-    use crate::limiter::gate::Circuit;
-    use serde_json::json;
-    fn limits(limits: &Limits) -> serde_json::Value {
-        json!({"rpm": limits.rpm, "tpm": limits.tpm, "rpd": limits.rpd, "tpd": limits.tpd})
-    }
-    let status = queue.status();
-    let upstream = status.upstream.as_ref().map(|(headers, age)| {
-        let mut view = serde_json::Map::new();
-        view.insert("age_secs".into(), json!(age.as_secs_f64()));
-        for (resource, window) in headers.iter() {
-            view.insert(
-                resource.label().into(),
-                json!({
-                    "limit": window.limit,
-                    "remaining": window.remaining,
-                    "reset_secs": window.reset.map(|reset| reset.as_secs_f64()),
-                }),
-            );
-        }
-        serde_json::Value::Object(view)
-    });
-    json!({
-        "org": &*queue.org,
-        "model": &*queue.model,
-        "limits": {
-            "configured": limits(&status.configured),
-            "learned": limits(&status.learned),
-            "in_force": limits(&status.limits),
-        },
-        "learning": status.learning,
-        "available": {"requests": status.available[0], "tokens": status.available[1]},
-        "burst": {"requests": status.burst[0], "tokens": status.burst[1]},
-        "circuit": match status.circuit {
-            Circuit::Closed => "closed",
-            Circuit::Open { .. } => "open",
-            Circuit::HalfOpen { .. } => "half_open",
-        },
-        "paused_for_secs": status.paused_for.map(|wait| wait.as_secs_f64()),
-        "queue": {
-            "interactive": status.depth.interactive,
-            "batch": status.depth.batch,
-            "replays": status.replays,
-        },
-        "upstream": upstream,
-        "last_429": status.last_429.map(|(last, age)| json!({
-            "reason": last.reason,
-            "wait_secs": last.wait.as_secs_f64(),
-            "age_secs": age.as_secs_f64(),
-        })),
-    })
 }
 
 /// How a server's drain ended.

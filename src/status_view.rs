@@ -1,4 +1,4 @@
-//! What `sluice status` prints: the `/status` JSON (see [`crate::server`]) as a table for a
+//! What `sluice status` prints: the `/status` document ([`StatusDocument`]) as a table for a
 //! terminal, one row per (org, model) bucket, then the orgs in quota cool-down.
 //!
 //! Pure: JSON in, text out. The CLI and the server may be different versions, so every field
@@ -8,12 +8,16 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
+use crate::limiter::status::{BucketReport, Last429Report, StatusDocument, WindowReport};
+use crate::upstream::ratelimit::Family;
+
 /// Renders a `/status` document. Counts are exact; only round ones are shortened (`30k`).
 pub fn render(status: &Value) -> String {
+    let status = StatusDocument::read(status);
     let mut out = String::new();
-    let version = status["version"].as_str().unwrap_or("?");
-    let upstream = status["upstream"].as_str().unwrap_or("?");
-    let draining = if status["draining"].as_bool() == Some(true) {
+    let version = status.version.as_deref().unwrap_or("?");
+    let upstream = status.upstream.as_deref().unwrap_or("?");
+    let draining = if status.draining == Some(true) {
         " (draining: not accepting new work)"
     } else {
         ""
@@ -21,28 +25,24 @@ pub fn render(status: &Value) -> String {
     let _ = writeln!(out, "sluice {version}, upstream {upstream}{draining}");
     out.push('\n');
 
-    let buckets = status["buckets"].as_array().map_or(&[][..], Vec::as_slice);
-    if buckets.is_empty() {
+    if status.buckets.is_empty() {
         out.push_str("No buckets yet: no metered request has been seen.\n");
     } else {
-        out.push_str(&bucket_table(buckets).render());
+        out.push_str(&bucket_table(&status.buckets).render());
     }
 
     out.push('\n');
-    let cooldowns = status["quota_cooldowns"]
-        .as_array()
-        .map_or(&[][..], Vec::as_slice);
-    if cooldowns.is_empty() {
+    if status.quota_cooldowns.is_empty() {
         out.push_str("Quota cool-down: none.\n");
     } else {
         out.push_str(
             "Quota cool-down (answered with the upstream's quota error, not forwarded):\n",
         );
         let mut table = Table::new(&[("ORG", Align::Left), ("LEFT", Align::Right)]);
-        for cooldown in cooldowns {
+        for cooldown in &status.quota_cooldowns {
             table.push(vec![
-                text(&cooldown["org"]),
-                duration(&cooldown["remaining_secs"]),
+                text(cooldown.org.as_deref()),
+                duration(cooldown.remaining_secs),
             ]);
         }
         for line in table.render().lines() {
@@ -52,11 +52,11 @@ pub fn render(status: &Value) -> String {
     out
 }
 
-fn bucket_table(buckets: &[Value]) -> Table {
+fn bucket_table(buckets: &[BucketReport]) -> Table {
     // Daily limits are rare: their columns appear only when some bucket has one.
     let daily = buckets.iter().any(|bucket| {
-        let in_force = &bucket["limits"]["in_force"];
-        !in_force["rpd"].is_null() || !in_force["tpd"].is_null()
+        let in_force = &bucket.limits.in_force;
+        in_force.rpd.is_some() || in_force.tpd.is_some()
     });
     let mut columns = vec![
         ("ORG", Align::Left),
@@ -81,38 +81,39 @@ fn bucket_table(buckets: &[Value]) -> Table {
     ]);
     let mut table = Table::new(&columns);
     for bucket in buckets {
-        let in_force = &bucket["limits"]["in_force"];
-        let upstream = &bucket["upstream"];
-        let queue = &bucket["queue"];
+        let in_force = &bucket.limits.in_force;
+        let upstream = bucket.upstream.as_ref();
+        let family = |family| upstream.and_then(|upstream| upstream.family(family));
+        let queue = &bucket.queue;
         let mut row = vec![
-            text(&bucket["org"]),
-            text(&bucket["model"]),
-            count(&in_force["rpm"]),
-            count(&in_force["tpm"]),
+            text(bucket.org.as_deref()),
+            text(bucket.model.as_deref()),
+            whole(in_force.rpm),
+            whole(in_force.tpm),
         ];
         if daily {
-            row.extend([count(&in_force["rpd"]), count(&in_force["tpd"])]);
+            row.extend([whole(in_force.rpd), whole(in_force.tpd)]);
         }
         row.extend([
-            count(&bucket["available"]["requests"]),
-            count(&bucket["available"]["tokens"]),
-            window(&upstream["requests"]),
-            window(&upstream["tokens"]),
-            ago(&upstream["age_secs"]),
+            count(bucket.available.requests),
+            count(bucket.available.tokens),
+            window(family(Family::Requests)),
+            window(family(Family::Tokens)),
+            ago(upstream.and_then(|upstream| upstream.age_secs)),
             format!(
                 "{}/{}/{}",
-                count(&queue["interactive"]),
-                count(&queue["batch"]),
-                count(&queue["replays"])
+                whole(queue.interactive),
+                whole(queue.batch),
+                whole(queue.replays)
             ),
-            text(&bucket["circuit"]),
-            duration(&bucket["paused_for_secs"]),
-            match bucket["learning"].as_bool() {
+            text(bucket.circuit.map(|circuit| circuit.label())),
+            duration(bucket.paused_for_secs),
+            match bucket.learning {
                 Some(true) => "yes".to_owned(),
                 Some(false) => "no".to_owned(),
                 None => "-".to_owned(),
             },
-            last_429(&bucket["last_429"]),
+            last_429(bucket.last_429.as_ref()),
         ]);
         table.push(row);
     }
@@ -120,33 +121,34 @@ fn bucket_table(buckets: &[Value]) -> Table {
 }
 
 /// The upstream's last view of one resource: `remaining/limit`.
-fn window(window: &Value) -> String {
-    if window.is_null() {
+fn window(window: Option<&WindowReport>) -> String {
+    let Some(window) = window else {
         return "-".to_owned();
-    }
-    format!(
-        "{}/{}",
-        count(&window["remaining"]),
-        count(&window["limit"])
-    )
+    };
+    format!("{}/{}", whole(window.remaining), whole(window.limit))
 }
 
-fn last_429(last: &Value) -> String {
-    if last.is_null() {
+fn last_429(last: Option<&Last429Report>) -> String {
+    let Some(last) = last else {
         return "-".to_owned();
-    }
-    format!("{} {}", text(&last["reason"]), ago(&last["age_secs"]))
+    };
+    format!("{} {}", text(last.reason.as_deref()), ago(last.age_secs))
 }
 
-fn text(value: &Value) -> String {
-    value.as_str().unwrap_or("-").to_owned()
+fn text(value: Option<&str>) -> String {
+    value.unwrap_or("-").to_owned()
+}
+
+/// A whole count, as [`count`] prints it.
+fn whole(value: Option<u64>) -> String {
+    count(value.map(|n| n as f64))
 }
 
 /// A count, exact: a round one from 10,000 on is shortened (`30k`, `1.5M`), any other is
 /// printed whole, so a remaining `9999970` never reads as a round `10M`. Available budget is
 /// fractional (it refills continuously) and is rounded down.
-fn count(value: &Value) -> String {
-    let Some(number) = value.as_f64().filter(|n| n.is_finite()) else {
+fn count(value: Option<f64>) -> String {
+    let Some(number) = value.filter(|n| n.is_finite()) else {
         return "-".to_owned();
     };
     let whole = number.floor().clamp(i64::MIN as f64, i64::MAX as f64) as i64;
@@ -163,16 +165,16 @@ fn count(value: &Value) -> String {
     whole.to_string()
 }
 
-fn ago(secs: &Value) -> String {
-    match secs.as_f64() {
+fn ago(secs: Option<f64>) -> String {
+    match secs {
         Some(_) => format!("{} ago", duration(secs)),
         None => "-".to_owned(),
     }
 }
 
 /// Seconds as `0.3s`, `42s`, `5m12s`, `2h5m`, `3d4h`.
-fn duration(secs: &Value) -> String {
-    let Some(secs) = secs.as_f64().filter(|s| s.is_finite() && *s >= 0.0) else {
+fn duration(secs: Option<f64>) -> String {
+    let Some(secs) = secs.filter(|s| s.is_finite() && *s >= 0.0) else {
         return "-".to_owned();
     };
     if secs < 10.0 {
@@ -246,6 +248,7 @@ impl Table {
 
 #[cfg(test)]
 mod tests {
+    use serde::Deserialize;
     use serde_json::json;
 
     use super::*;
@@ -299,6 +302,11 @@ mod tests {
                 },
             ],
         })
+    }
+
+    /// A number as a document field reads it: `None` when missing or mistyped.
+    fn figure(value: &Value) -> Option<f64> {
+        Option::<f64>::deserialize(value).unwrap_or_default()
     }
 
     fn row<'a>(text: &'a str, starts: &str) -> &'a str {
@@ -458,7 +466,7 @@ mod tests {
             (json!("12"), "-"),
         ];
         for (value, expected) in cases {
-            assert_eq!(count(&value), expected, "{value}");
+            assert_eq!(count(figure(&value)), expected, "{value}");
         }
     }
 
@@ -476,7 +484,7 @@ mod tests {
             (json!(null), "-"),
         ];
         for (value, expected) in cases {
-            assert_eq!(duration(&value), expected, "{value}");
+            assert_eq!(duration(figure(&value)), expected, "{value}");
         }
     }
 }

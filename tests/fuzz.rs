@@ -41,7 +41,7 @@ use sluice::retry::{
 };
 use sluice::upstream::ratelimit::{
     implied_capacity, message_figures, parse_go_duration, parse_retry_after, parse_retry_after_ms,
-    try_again_in, RateLimitHeaders, Resource, Window, MAX_DURATION,
+    try_again_in, Family, RateLimitHeaders, Window, MAX_DURATION,
 };
 use sluice::upstream::usage::{request_stream_usage, usage_from_json, SseUsage, Usage};
 
@@ -422,7 +422,7 @@ impl Head {
 }
 
 fn header_names() -> Vec<&'static str> {
-    Resource::ALL
+    Family::ALL
         .iter()
         .flat_map(|resource| resource.header_names().iter().map(HeaderName::as_str))
         .collect()
@@ -482,7 +482,7 @@ fn check_head(head: &Head) -> TestCaseResult {
     let map = head.map();
     let parsed = RateLimitHeaders::parse(&map);
     let mut malformed = 0;
-    for resource in Resource::ALL {
+    for resource in Family::ALL {
         let [limit, remaining, reset] = resource.header_names();
         // The first value of each header counts; a present one that does not parse is malformed.
         let mut read = |name: &HeaderName, parse: &dyn Fn(&str) -> Option<u64>| {
@@ -694,7 +694,7 @@ fn hints(corpus: Vec<Vec<u8>>) -> impl Strategy<Value = Hint> {
                 value_text.clone(),
                 Just("Wed, 21 Oct 2015 07:28:00 GMT".to_owned()),
             ]),
-            vec((0..Resource::ALL.len() * 3, value_text), 0..6),
+            vec((0..Family::ALL.len() * 3, value_text), 0..6),
             1_400_000_000u64..1_500_000_000,
         )
             .prop_map(|(status, body, retry_after_ms, retry_after, resets, now)| Hint::Response {
@@ -829,7 +829,7 @@ fn check_response(
         put(http::header::RETRY_AFTER, value);
     }
     for (header, value) in resets {
-        let resource = Resource::ALL[header / 3];
+        let resource = Family::ALL[header / 3];
         put(resource.header_names()[header % 3].clone(), value);
     }
     let limits = RateLimitHeaders::parse(&headers);

@@ -23,6 +23,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// What a bucket meters; re-exported because every limit and cost here is keyed by it.
+pub use crate::resource::Resource;
+
 pub const MINUTE: Duration = Duration::from_secs(60);
 pub const DAY: Duration = Duration::from_secs(86_400);
 
@@ -37,24 +40,6 @@ pub const MAX_CONTENTION: Duration = Duration::from_secs(5);
 pub const CONTENTION_DECAY: Duration = Duration::from_secs(60);
 /// 429s this close together come from one overshoot and count as one piece of evidence.
 const EVIDENCE_COALESCE: Duration = Duration::from_millis(200);
-
-/// What a bucket meters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Resource {
-    Requests,
-    Tokens,
-}
-
-impl Resource {
-    pub const BOTH: [Resource; 2] = [Resource::Requests, Resource::Tokens];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Requests => "requests",
-            Self::Tokens => "tokens",
-        }
-    }
-}
 
 /// The configured limits of one (organization, model). `None` means "not limited".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Resource, DAY, MINUTE};
-use crate::upstream::ratelimit::{self, RateLimitHeaders};
+use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, DAY, MINUTE};
+use crate::resource::{PerResource, Resource};
+use crate::upstream::ratelimit::{self, Family, RateLimitHeaders, Scope};
 
 /// Header resets longer than this describe a daily window: a per-minute bucket is full again
 /// within a minute, or within two when it is in debt (rejected requests count too).
@@ -41,29 +42,6 @@ struct Dispatch {
 /// Sends remembered per bucket. A header is corrected for the sends after its own; one
 /// older than this many sends is long superseded by newer headers.
 const TRACKED_DISPATCHES: usize = 1024;
-
-/// One value per bucket resource (requests, tokens).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct PerResource<T> {
-    requests: T,
-    tokens: T,
-}
-
-impl<T> PerResource<T> {
-    fn get(&self, resource: Resource) -> &T {
-        match resource {
-            Resource::Requests => &self.requests,
-            Resource::Tokens => &self.tokens,
-        }
-    }
-
-    fn get_mut(&mut self, resource: Resource) -> &mut T {
-        match resource {
-            Resource::Requests => &mut self.requests,
-            Resource::Tokens => &mut self.tokens,
-        }
-    }
-}
 
 /// The latest sends upstream (re-sends included), oldest first, to tell what a header has
 /// not seen.
@@ -291,16 +269,8 @@ pub(super) struct View {
 
 impl View {
     fn of(headers: &RateLimitHeaders, resource: Resource) -> Option<View> {
-        let families = match resource {
-            Resource::Requests => [
-                ratelimit::Resource::Requests,
-                ratelimit::Resource::ProjectRequests,
-            ],
-            Resource::Tokens => [
-                ratelimit::Resource::Tokens,
-                ratelimit::Resource::ProjectTokens,
-            ],
-        };
+        let families =
+            [Scope::Organization, Scope::Project].map(|scope| Family::of(resource, scope));
         let mut view: Option<View> = None;
         for family in families {
             let Some(window) = headers.get(family) else {

@@ -10,6 +10,7 @@ pub mod gate;
 mod learn;
 pub mod queue;
 mod reservation;
+pub mod status;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

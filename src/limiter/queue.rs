@@ -23,11 +23,13 @@ use tokio::time::Instant;
 
 use crate::config::QueueConfig;
 use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Resource, Shortfall};
-use crate::limiter::gate::{Circuit, Gate, Pass, Probe, ProbeOutcome};
+use crate::limiter::gate::{Gate, Pass, Probe, ProbeOutcome};
 use crate::priority::{ByPriority, Priority};
-use crate::upstream::ratelimit::RateLimitHeaders;
+use crate::resource::PerResource;
+use crate::upstream::ratelimit::{RateLimitHeaders, Reason};
 
 use super::learn::{views, warn_if_above_upstream, Learned, Mark};
+use super::status::{BucketStatus, Last429, LastHeaders};
 
 /// Why a request was not admitted.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +50,17 @@ pub enum Rejection {
     },
     /// The bucket's or sluice's queue is full.
     QueueFull { depth: usize, wait: Duration },
+}
+
+impl Rejection {
+    /// A Prometheus reason label: `too_large`, `deadline` or `queue_full`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::Deadline { .. } => "deadline",
+            Self::QueueFull { .. } => "queue_full",
+        }
+    }
 }
 
 /// The queue-wide bounds, shared by every bucket. The depths and the reserve change in place
@@ -116,17 +129,16 @@ struct State {
     /// Total cost queued per class, for predicting waits in O(1).
     queued: ByPriority<Cost>,
     next_id: u64,
-    last_429: Option<Last429>,
+    last_429: Option<Refused>,
 }
 
 /// The last upstream 429 of a bucket, for the status view.
 #[derive(Clone, Copy, Debug)]
-pub struct Last429 {
-    pub at: Instant,
-    /// The classification's label (`requests`, `tokens`, `slow_down`, ...).
-    pub reason: &'static str,
+struct Refused {
+    at: Instant,
+    reason: Reason,
     /// How long the bucket paused for it.
-    pub wait: Duration,
+    wait: Duration,
 }
 
 /// A request let through by [`BucketQueue::admit`].
@@ -648,7 +660,7 @@ impl BucketQueue {
         }
         // Whoever waited on a probe looks again (and finds the pause).
         state.wake_head();
-        state.last_429 = Some(Last429 {
+        state.last_429 = Some(Refused {
             at: now,
             reason: rate_limited.reason,
             wait: rate_limited.resume.saturating_duration_since(now),
@@ -708,14 +720,18 @@ impl BucketQueue {
     pub fn status(&self) -> BucketStatus {
         let now = Instant::now();
         let mut state = self.lock();
-        let available = Resource::BOTH.map(|resource| state.bucket.available(resource, now));
-        let burst = Resource::BOTH.map(|resource| state.bucket.burst(resource));
         BucketStatus {
             configured: state.configured,
             learned: state.learned.limits,
-            limits: state.limits,
-            available,
-            burst,
+            in_force: state.limits,
+            available: PerResource {
+                requests: state.bucket.available(Resource::Requests, now),
+                tokens: state.bucket.available(Resource::Tokens, now),
+            },
+            burst: PerResource {
+                requests: state.bucket.burst(Resource::Requests),
+                tokens: state.bucket.burst(Resource::Tokens),
+            },
             learning: state.gate.is_learning(),
             circuit: state.gate.circuit(),
             paused_for: state
@@ -725,10 +741,15 @@ impl BucketQueue {
                 .filter(|wait| !wait.is_zero()),
             depth: state.depth(),
             replays: state.gate.replays(),
-            upstream: state.learned.last_headers(now),
-            last_429: state
-                .last_429
-                .map(|last| (last, now.saturating_duration_since(last.at))),
+            upstream: state
+                .learned
+                .last_headers(now)
+                .map(|(headers, age)| LastHeaders { headers, age }),
+            last_429: state.last_429.map(|refused| Last429 {
+                reason: refused.reason,
+                wait: refused.wait,
+                age: now.saturating_duration_since(refused.at),
+            }),
         }
     }
 
@@ -763,28 +784,7 @@ pub struct RateLimited {
     pub reset: Instant,
     pub evidence: Evidence,
     pub probe: Option<Probe>,
-    pub reason: &'static str,
-}
-
-/// A bucket as the status view and metrics show it.
-#[derive(Clone, Debug)]
-pub struct BucketStatus {
-    pub configured: Limits,
-    pub learned: Limits,
-    pub limits: Limits,
-    /// Units available now per resource (requests, tokens); `None` when not limited.
-    pub available: [Option<f64>; 2],
-    /// The per-minute burst per resource (the whole limit unless shrunk).
-    pub burst: [Option<f64>; 2],
-    pub learning: bool,
-    pub circuit: Circuit,
-    pub paused_for: Option<Duration>,
-    /// Waiting requests: (interactive, batch).
-    pub depth: ByPriority<usize>,
-    pub replays: u32,
-    /// The upstream's last rate-limit headers, and how long ago they came.
-    pub upstream: Option<(RateLimitHeaders, Duration)>,
-    pub last_429: Option<(Last429, Duration)>,
+    pub reason: Reason,
 }
 
 /// Leaves the replay line however the replay ends.
@@ -1226,7 +1226,7 @@ mod tests {
             reset: resume,
             evidence: Evidence::Burst(Resource::Requests),
             probe: Some(Probe::Burst),
-            reason: "requests",
+            reason: Reason::Limited(Resource::Requests),
         });
         let mut at = Vec::new();
         for task in waiting {
@@ -1235,7 +1235,7 @@ mod tests {
         }
         // The bucket emptied and paces at 10 per second: 100 ms apart, not all at once.
         assert_eq!(at, [1, 2, 3, 4, 5]);
-        assert_eq!(queue.status().burst[0], Some(10.0));
+        assert_eq!(queue.status().burst.requests, Some(10.0));
     }
 
     fn remaining_requests(limit: u64, remaining: u64) -> RateLimitHeaders {
@@ -1295,7 +1295,7 @@ mod tests {
             reset: start + Duration::from_secs(1),
             evidence: Evidence::Nothing,
             probe: None,
-            reason: "slow_down",
+            reason: Reason::SlowDown,
         });
         let replays: Vec<_> = (0..3)
             .map(|_| {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::Accounting;
-use crate::upstream::ratelimit::RateLimitHeaders;
+use crate::upstream::ratelimit::{RateLimitHeaders, Reason};
 use crate::upstream::usage::Usage;
 
 use super::bucket::Cost;
@@ -76,7 +76,7 @@ impl Reservation {
         resume: Instant,
         reset: Instant,
         evidence: Evidence,
-        reason: &'static str,
+        reason: Reason,
     ) -> bool {
         self.queue.rate_limited(RateLimited {
             resume,

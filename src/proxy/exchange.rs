@@ -15,9 +15,9 @@ use crate::access::AccessRecord;
 use crate::client::ClientWatch;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::retry::{self, Class, Decision, Draws, ErrorBody};
+use crate::retry::{self, Class, Decision, Draws, ErrorBody, RetryReason};
 use crate::state::AppState;
-use crate::upstream::ratelimit::{self, RateLimitHeaders};
+use crate::upstream::ratelimit::{Family, RateLimitHeaders};
 use crate::upstream::{strip_hop_by_hop, SendError, TimedBody};
 
 use super::admission::{unless_left, Admission, RequestBody};
@@ -107,7 +107,7 @@ impl Exchange<'_> {
                         let wait = retry::retry_wait(None, &attempt, config, Draws::random(), now)
                             .filter(|_| self.state.retry_budget.try_withdraw(now));
                         if let Some(wait) = wait {
-                            record.retried("connection");
+                            record.retried(RetryReason::Connection);
                             tracing::info!(
                                 attempt = self.attempt,
                                 wait_ms = wait.as_millis() as u64,
@@ -163,9 +163,7 @@ impl Exchange<'_> {
                 return Ok(answer);
             }
             let error = read_error(response).await;
-            let token_limit = limits
-                .get(ratelimit::Resource::Tokens)
-                .and_then(|window| window.limit);
+            let token_limit = limits.get(Family::Tokens).and_then(|window| window.limit);
             let class = retry::classify(
                 status.as_u16(),
                 error.parsed.as_ref(),
@@ -173,7 +171,7 @@ impl Exchange<'_> {
                 token_limit,
             );
             if status == StatusCode::TOO_MANY_REQUESTS {
-                record.upstream_429(class.label());
+                record.upstream_429(class.reason());
             }
             // A server error or a fatal one is an answer: the bucket's probe, if this was
             // one, has its outcome.
@@ -208,14 +206,14 @@ impl Exchange<'_> {
                         pause.resume,
                         pause.reset,
                         pause.evidence,
-                        class.label(),
+                        class.reason(),
                     );
                     tracing::info!(
                         org = %self.org,
                         reason = class.label(),
                         attempt = self.attempt,
                         wait_ms = pause.wait.as_millis() as u64,
-                        hint = pause.source.map_or("backoff", retry::HintSource::label),
+                        hint = pause.source.unwrap_or(retry::HintSource::Backoff).label(),
                         circuit_opened = opened,
                         "upstream 429; pausing the bucket and replaying"
                     );
@@ -226,14 +224,14 @@ impl Exchange<'_> {
                     let replayed = admitted.reservation.replay(self.deadline);
                     match unless_left(watch, replayed).await? {
                         Ok(()) => {
-                            record.retried("rate_limit");
+                            record.retried(RetryReason::RateLimit);
                             continue;
                         }
                         Err(wait) => return Ok(honest_429(&error, wait)),
                     }
                 }
                 Decision::Retry(wait) if self.state.retry_budget.try_withdraw(now) => {
-                    record.retried("server_error");
+                    record.retried(RetryReason::ServerError);
                     tracing::info!(
                         status = status.as_u16(),
                         attempt = self.attempt,

@@ -273,11 +273,7 @@ fn reject(err: ProxyError, record: AccessRecord) -> Response {
         _ => tracing::warn!(error = %err, "request failed"),
     }
     if let ProxyError::Rejected { rejection, .. } = &err {
-        record.rejected(match rejection {
-            crate::limiter::queue::Rejection::TooLarge { .. } => "too_large",
-            crate::limiter::queue::Rejection::Deadline { .. } => "deadline",
-            crate::limiter::queue::Rejection::QueueFull { .. } => "queue_full",
-        });
+        record.rejected(rejection);
     }
     let status = err.status();
     let code = err.code();

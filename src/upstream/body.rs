@@ -210,6 +210,17 @@ pub enum BodyOutcome {
     Cancelled,
 }
 
+impl BodyOutcome {
+    /// The access log's `outcome` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Failed => "upstream_body_failed",
+            Self::Cancelled => "client_cancelled",
+        }
+    }
+}
+
 /// How a body ended, how many bytes of data it yielded, and the usage it reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BodyEnd {

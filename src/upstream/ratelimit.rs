@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::resource::Resource;
+
 /// The longest duration any parser here returns. Real hints are seconds to a day; anything
 /// beyond this is garbage, and rejecting it keeps every later `Duration`/`Instant` sum far
 /// from overflow.
@@ -292,27 +294,72 @@ pub fn message_figures(message: &str) -> Option<MessageFigures> {
     })
 }
 
-/// A family of `x-ratelimit-{limit,remaining,reset}-*` headers: one bucket upstream.
+/// How widely an upstream bucket applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Resource {
+pub enum Scope {
+    /// The organization's bucket (`x-ratelimit-*-requests`, `-tokens`).
+    Organization,
+    /// A per-project bucket, possibly much tighter than the organization's.
+    Project,
+    /// The `*_usage_based` buckets.
+    UsageBased,
+}
+
+impl Scope {
+    /// In [`Family::ALL`]'s order: the organization's, the project's, the usage-based.
+    pub const ALL: [Scope; 3] = [Scope::Organization, Scope::Project, Scope::UsageBased];
+}
+
+/// A family of `x-ratelimit-{limit,remaining,reset}-*` headers: one bucket upstream, metering
+/// one [`Resource`] over one [`Scope`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
     Requests,
     Tokens,
-    /// A per-project bucket, possibly much tighter than the organization's.
     ProjectRequests,
     ProjectTokens,
     RequestsUsageBased,
     TokensUsageBased,
 }
 
-impl Resource {
-    pub const ALL: [Resource; 6] = [
-        Resource::Requests,
-        Resource::Tokens,
-        Resource::ProjectRequests,
-        Resource::ProjectTokens,
-        Resource::RequestsUsageBased,
-        Resource::TokensUsageBased,
+impl Family {
+    pub const ALL: [Family; 6] = [
+        Family::Requests,
+        Family::Tokens,
+        Family::ProjectRequests,
+        Family::ProjectTokens,
+        Family::RequestsUsageBased,
+        Family::TokensUsageBased,
     ];
+
+    /// The family metering `resource` over `scope`.
+    pub fn of(resource: Resource, scope: Scope) -> Family {
+        use Resource::{Requests, Tokens};
+        match (scope, resource) {
+            (Scope::Organization, Requests) => Self::Requests,
+            (Scope::Organization, Tokens) => Self::Tokens,
+            (Scope::Project, Requests) => Self::ProjectRequests,
+            (Scope::Project, Tokens) => Self::ProjectTokens,
+            (Scope::UsageBased, Requests) => Self::RequestsUsageBased,
+            (Scope::UsageBased, Tokens) => Self::TokensUsageBased,
+        }
+    }
+
+    /// What this family's bucket meters.
+    pub fn resource(self) -> Resource {
+        match self {
+            Self::Requests | Self::ProjectRequests | Self::RequestsUsageBased => Resource::Requests,
+            Self::Tokens | Self::ProjectTokens | Self::TokensUsageBased => Resource::Tokens,
+        }
+    }
+
+    pub fn scope(self) -> Scope {
+        match self {
+            Self::Requests | Self::Tokens => Scope::Organization,
+            Self::ProjectRequests | Self::ProjectTokens => Scope::Project,
+            Self::RequestsUsageBased | Self::TokensUsageBased => Scope::UsageBased,
+        }
+    }
 
     /// A Prometheus label value.
     pub fn label(self) -> &'static str {
@@ -369,6 +416,35 @@ static HEADER_NAMES: [[HeaderName; 3]; 6] = [
         HeaderName::from_static("x-ratelimit-reset-tokens_usage_based"),
     ],
 ];
+
+/// Why an upstream answered 429, as metrics, logs and the status view name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A bucket of this resource is empty.
+    Limited(Resource),
+    /// Traffic ramped up too fast.
+    SlowDown,
+    /// Out of credit or over a spend limit.
+    Quota,
+    /// The request is larger than the whole bucket.
+    TooLarge,
+    /// Anything else, a rate limit that does not say which bucket included.
+    Other,
+}
+
+impl Reason {
+    /// A Prometheus label value: `requests`, `tokens`, `slow_down`, `quota`, `too_large` or
+    /// `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Limited(resource) => resource.label(),
+            Self::SlowDown => "slow_down",
+            Self::Quota => "quota",
+            Self::TooLarge => "too_large",
+            Self::Other => "other",
+        }
+    }
+}
 
 /// One bucket's state as a response reported it. Each field is `None` when its header was
 /// absent or malformed.
@@ -432,18 +508,18 @@ impl RateLimitHeaders {
             if !name.as_str().starts_with("x-ratelimit-") {
                 continue;
             }
-            for resource in Resource::ALL {
-                let Some(field) = resource
+            for family in Family::ALL {
+                let Some(field) = family
                     .header_names()
                     .iter()
                     .position(|known| *known == name)
                 else {
                     continue;
                 };
-                let bit = 1 << (resource.index() * 3 + field);
+                let bit = 1 << (family.index() * 3 + field);
                 if seen & bit == 0 {
                     seen |= bit;
-                    let window = &mut out.windows[resource.index()];
+                    let window = &mut out.windows[family.index()];
                     let malformed = &mut out.malformed;
                     match field {
                         0 => window.limit = read(value, parse_count, malformed),
@@ -458,8 +534,8 @@ impl RateLimitHeaders {
     }
 
     /// The window of one family; `None` when none of its three headers was present and valid.
-    pub fn get(&self, resource: Resource) -> Option<Window> {
-        let window = self.windows[resource.index()];
+    pub fn get(&self, family: Family) -> Option<Window> {
+        let window = self.windows[family.index()];
         (!window.is_empty()).then_some(window)
     }
 
@@ -468,11 +544,11 @@ impl RateLimitHeaders {
         self.windows.iter().all(Window::is_empty)
     }
 
-    /// The families present, in [`Resource::ALL`] order.
-    pub fn iter(&self) -> impl Iterator<Item = (Resource, Window)> + '_ {
-        Resource::ALL
+    /// The families present, in [`Family::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (Family, Window)> + '_ {
+        Family::ALL
             .into_iter()
-            .filter_map(|resource| Some((resource, self.get(resource)?)))
+            .filter_map(|family| Some((family, self.get(family)?)))
     }
 
     /// How many `x-ratelimit-*` values were present but could not be parsed.
@@ -787,7 +863,7 @@ mod tests {
 
     #[test]
     fn resource_labels_and_names() {
-        let labels: Vec<&str> = Resource::ALL.iter().map(|r| r.label()).collect();
+        let labels: Vec<&str> = Family::ALL.iter().map(|r| r.label()).collect();
         assert_eq!(
             labels,
             [
@@ -799,7 +875,7 @@ mod tests {
                 "tokens_usage_based"
             ]
         );
-        for resource in Resource::ALL {
+        for resource in Family::ALL {
             let [limit, remaining, reset] = resource.header_names();
             let suffix = resource.label().replacen("project_", "project-", 1);
             assert_eq!(limit.as_str(), format!("x-ratelimit-limit-{suffix}"));
@@ -809,6 +885,17 @@ mod tests {
             );
             assert_eq!(reset.as_str(), format!("x-ratelimit-reset-{suffix}"));
         }
+    }
+
+    #[test]
+    fn a_family_is_one_resource_over_one_scope() {
+        for family in Family::ALL {
+            assert_eq!(Family::of(family.resource(), family.scope()), family);
+        }
+        assert_eq!(
+            Family::of(Resource::Tokens, Scope::Project),
+            Family::ProjectTokens
+        );
     }
 
     #[test]
@@ -824,7 +911,7 @@ mod tests {
         ]);
         let parsed = RateLimitHeaders::parse(&map);
         assert_eq!(
-            parsed.get(Resource::Requests),
+            parsed.get(Family::Requests),
             Some(Window {
                 limit: Some(500),
                 remaining: Some(499),
@@ -832,24 +919,24 @@ mod tests {
             })
         );
         assert_eq!(
-            parsed.get(Resource::Tokens),
+            parsed.get(Family::Tokens),
             Some(Window {
                 limit: Some(40000),
                 remaining: Some(39880),
                 reset: Some(ms(180))
             })
         );
-        assert_eq!(parsed.get(Resource::ProjectTokens), None);
+        assert_eq!(parsed.get(Family::ProjectTokens), None);
         assert!(!parsed.is_empty());
         assert_eq!(parsed.malformed(), 0);
-        let families: Vec<Resource> = parsed.iter().map(|(r, _)| r).collect();
-        assert_eq!(families, [Resource::Requests, Resource::Tokens]);
+        let families: Vec<Family> = parsed.iter().map(|(r, _)| r).collect();
+        assert_eq!(families, [Family::Requests, Family::Tokens]);
     }
 
     #[test]
     fn every_family_parses() {
         let mut pairs: Vec<(String, String)> = Vec::new();
-        for (i, resource) in Resource::ALL.iter().enumerate() {
+        for (i, resource) in Family::ALL.iter().enumerate() {
             let [limit, remaining, reset] = resource.header_names();
             pairs.push((limit.to_string(), format!("{}", 100 + i)));
             pairs.push((remaining.to_string(), format!("{i}")));
@@ -864,7 +951,7 @@ mod tests {
         }
         let parsed = RateLimitHeaders::parse(&map);
         assert_eq!(parsed.iter().count(), 6);
-        for (i, resource) in Resource::ALL.iter().enumerate() {
+        for (i, resource) in Family::ALL.iter().enumerate() {
             let i = i as u64;
             assert_eq!(
                 parsed.get(*resource),
@@ -888,7 +975,7 @@ mod tests {
             ("x-ratelimit-unknown", b"1"),
         ]);
         let parsed = RateLimitHeaders::parse(&map);
-        let window = parsed.get(Resource::Requests).expect("requests");
+        let window = parsed.get(Family::Requests).expect("requests");
         assert_eq!(window.remaining, Some(7));
         // The first value is the one read, malformed or not; later ones are ignored.
         assert_eq!(window.limit, None);
@@ -903,7 +990,7 @@ mod tests {
             ("X-RATELIMIT-REMAINING-TOKENS", b"10"),
         ]);
         let window = RateLimitHeaders::parse(&map)
-            .get(Resource::Tokens)
+            .get(Family::Tokens)
             .expect("tokens");
         assert_eq!(window.limit, Some(1000));
         assert_eq!(window.remaining, Some(10));
@@ -920,7 +1007,7 @@ mod tests {
         ]);
         let parsed = RateLimitHeaders::parse(&map);
         assert_eq!(
-            parsed.get(Resource::Requests),
+            parsed.get(Family::Requests),
             Some(Window {
                 limit: Some(0),
                 remaining: Some(0),
@@ -928,7 +1015,7 @@ mod tests {
             })
         );
         assert_eq!(
-            parsed.get(Resource::Tokens),
+            parsed.get(Family::Tokens),
             Some(Window {
                 limit: None,
                 remaining: Some(89000),
@@ -959,11 +1046,11 @@ mod tests {
         ]);
         let parsed = RateLimitHeaders::parse(&map);
         assert_eq!(parsed.malformed(), 11);
-        assert_eq!(parsed.get(Resource::ProjectRequests), None);
-        assert_eq!(parsed.get(Resource::Requests), None);
-        assert_eq!(parsed.get(Resource::Tokens), None);
+        assert_eq!(parsed.get(Family::ProjectRequests), None);
+        assert_eq!(parsed.get(Family::Requests), None);
+        assert_eq!(parsed.get(Family::Tokens), None);
         assert_eq!(
-            parsed.get(Resource::ProjectTokens),
+            parsed.get(Family::ProjectTokens),
             Some(Window {
                 limit: None,
                 remaining: None,
@@ -987,7 +1074,7 @@ mod tests {
             ("x-ratelimit-limit-tokens", b"10"),
             ("x-ratelimit-limit-tokens", b"20"),
         ]);
-        let window = RateLimitHeaders::parse(&map).get(Resource::Tokens);
+        let window = RateLimitHeaders::parse(&map).get(Family::Tokens);
         assert_eq!(window.and_then(|w| w.limit), Some(10));
     }
 
@@ -1103,7 +1190,7 @@ mod tests {
         #[test]
         fn header_values_never_panic(values in proptest::collection::vec(any::<Vec<u8>>(), 18)) {
             let mut map = HeaderMap::new();
-            let names = Resource::ALL.iter().flat_map(|r| r.header_names().iter());
+            let names = Family::ALL.iter().flat_map(|r| r.header_names().iter());
             for (name, value) in names.zip(&values) {
                 if let Ok(value) = HeaderValue::from_bytes(value) {
                     map.insert(name.clone(), value);
