@@ -120,6 +120,7 @@ pub async fn run_workers(
     // Listening for SIGHUP before announcing the address: a reload signalled right after the
     // start must reload, not end the process (SIGHUP's default).
     let hangup = reload::Hangup::listen();
+    let watched = reload::Watched::now(&state);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             upstream = %upstream,
@@ -127,7 +128,7 @@ pub async fn run_workers(
             "sluice listening on http://{addr}"
         );
     }
-    let reloader = tokio::spawn(reload::watch(Arc::clone(&state), source, hangup));
+    let reloader = tokio::spawn(reload::watch(Arc::clone(&state), source, watched, hangup));
     let served = server::serve(listener, state, {
         let stop = stop.clone();
         async move {

@@ -32,10 +32,27 @@ impl Trigger {
     }
 }
 
-/// Reloads `source` on SIGHUP and whenever a watched file changes, until the task is dropped.
+/// What the watched files hold now, for [`watch`] to start from: taken before the address is
+/// announced, so a change made right after the start is seen as one (a fingerprint taken
+/// later by the watcher task could already be of the changed files).
+pub struct Watched([u8; 32]);
+
+impl Watched {
+    pub fn now(state: &AppState) -> Self {
+        Self(digest(&state.live().config.watched_files()))
+    }
+}
+
+/// Reloads `source` on SIGHUP and whenever a watched file changes from `watched`, until the
+/// task is dropped.
 /// Without a config file there is nothing to reload; SIGHUP is logged and otherwise ignored
 /// (rather than ending the process, its default).
-pub async fn watch(state: Arc<AppState>, source: Option<ConfigSource>, mut hangup: Hangup) {
+pub async fn watch(
+    state: Arc<AppState>,
+    source: Option<ConfigSource>,
+    watched: Watched,
+    mut hangup: Hangup,
+) {
     let Some(source) = source else {
         loop {
             hangup.recv().await;
@@ -44,7 +61,7 @@ pub async fn watch(state: Arc<AppState>, source: Option<ConfigSource>, mut hangu
             );
         }
     };
-    let mut seen = fingerprint(state.live().config.watched_files()).await;
+    let mut seen = watched.0;
     loop {
         let poll = state.live().config.server.config_watch;
         let trigger = tokio::select! {
@@ -119,23 +136,25 @@ async fn reload(state: &AppState, source: &ConfigSource, trigger: Trigger) {
 
 /// A digest of the watched files' contents (a missing file counts as a state of its own).
 async fn fingerprint(files: Vec<PathBuf>) -> [u8; 32] {
-    let digest = tokio::task::spawn_blocking(move || {
-        let mut hasher = Sha256::new();
-        for file in &files {
-            hasher.update(file.as_os_str().as_encoded_bytes());
-            match std::fs::read(file) {
-                Ok(bytes) => {
-                    hasher.update([1]);
-                    hasher.update((bytes.len() as u64).to_le_bytes());
-                    hasher.update(&bytes);
-                }
-                Err(_) => hasher.update([0]),
+    tokio::task::spawn_blocking(move || digest(&files))
+        .await
+        .unwrap_or_default()
+}
+
+fn digest(files: &[PathBuf]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for file in files {
+        hasher.update(file.as_os_str().as_encoded_bytes());
+        match std::fs::read(file) {
+            Ok(bytes) => {
+                hasher.update([1]);
+                hasher.update((bytes.len() as u64).to_le_bytes());
+                hasher.update(&bytes);
             }
+            Err(_) => hasher.update([0]),
         }
-        hasher.finalize().into()
-    })
-    .await;
-    digest.unwrap_or_default()
+    }
+    hasher.finalize().into()
 }
 
 async fn sleep_or_forever(wait: Option<Duration>) {
