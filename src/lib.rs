@@ -15,9 +15,10 @@
 //! - [`state`]: what every handler shares, and the configuration in force ([`state::Live`]).
 //! - [`proxy`]: the lifecycle, in phase order (route, identify, read; admission; exchange;
 //!   relay).
-//! - [`limiter`]: admission: the table of buckets, the budget's arithmetic, the waiting
-//!   line, what the upstream's headers teach, the gate (pause, circuit, probes), the
-//!   reservation and its settlement, and the typed `/status` document.
+//! - [`limiter`]: admission: the table of buckets, the waiting line, the budget behind it
+//!   (the storage seam: level, pause, learned limits), the budget's arithmetic, what the
+//!   upstream's headers teach, the gate (pause, circuit, probes), the reservation and its
+//!   settlement, and the typed `/status` document.
 //! - [`retry`]: the retry policy: classify a failure, its wait hint, backoff, the decision
 //!   after a failed attempt, the retry budget.
 //! - [`quota`]: orgs out of quota, answered from a cool-down without calling upstream.

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::RetryConfig;
 use crate::limiter::bucket::Cost;
-use crate::limiter::queue::Evidence;
+use crate::limiter::budget::Evidence;
 use crate::resource::Resource;
 use crate::upstream::ratelimit::{
     message_figures, parse_retry_after, parse_retry_after_ms, try_again_in, Family,

@@ -225,7 +225,7 @@ pub enum Shortfall {
 }
 
 /// The limit a cost is larger than.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Oversize {
     pub resource: Resource,
     pub limit: u64,

@@ -1,11 +1,17 @@
 //! Admission control: a bucket and a queue per (organization, model), and the reservation a
 //! request holds while it runs.
 //!
+//! The queue ([`queue`]) is the waiting line; what it waits for is the bucket's [`budget`],
+//! the one interface to a bucket's level, pause and learned limits (see that module for the
+//! seam it is).
+//!
 //! A reservation has exactly two exits: settled against the actual usage once the upstream
 //! has answered, or refunded when dropped before the request reached the upstream (client
 //! gone, rejected, failed before sending).
 
+mod bounds;
 pub mod bucket;
+pub mod budget;
 pub mod gate;
 mod learn;
 pub mod queue;
@@ -21,8 +27,9 @@ use tokio::time::Instant;
 
 use crate::config::QueueConfig;
 use crate::priority::Priority;
+use bounds::QueueBounds;
 use bucket::{Cost, Limits};
-use queue::{BucketQueue, QueueBounds, Rejection};
+use queue::{BucketQueue, Rejection};
 pub use reservation::{settlement, Charged, Reservation};
 
 /// How often at most a full bucket table is logged: a flood of made-up names hits the cap

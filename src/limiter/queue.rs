@@ -12,24 +12,28 @@
 //! Waiting is driven by the waiters themselves: the head of a class sleeps until the bucket
 //! will have room for it, the others sleep until they become head. Whoever changes the queue
 //! or returns budget wakes the heads, so no wake-up is lost and no timer task is needed.
+//!
+//! The line holds only the waiters. The budget they wait for is the bucket's [`Budget`]
+//! (the storage seam): the line asks it, one round trip per try, and never holds its own
+//! lock while it does.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::QueueConfig;
-use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Resource, Shortfall};
-use crate::limiter::gate::{Gate, Pass, Probe, ProbeOutcome};
+use crate::limiter::bucket::{Cost, Limits, Oversize, Resource};
+use crate::limiter::gate::Probe;
 use crate::priority::{ByPriority, Priority};
-use crate::resource::PerResource;
-use crate::upstream::ratelimit::{RateLimitHeaders, Reason};
+use crate::upstream::ratelimit::RateLimitHeaders;
 
-use super::learn::{views, warn_if_above_upstream, Learned, Mark};
-use super::status::{BucketStatus, Last429, LastHeaders};
+use super::bounds::QueueBounds;
+use super::budget::{Again, Budget, Go, RateLimited, Settle, Ticket};
+use super::learn::Mark;
+use super::status::BucketStatus;
 
 /// Why a request was not admitted.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,82 +67,19 @@ impl Rejection {
     }
 }
 
-/// The queue-wide bounds, shared by every bucket. The depths and the reserve change in place
-/// on a config reload; the margin and the circuit threshold are fixed when a bucket is made.
-#[derive(Debug)]
-pub struct QueueBounds {
-    max_depth: AtomicUsize,
-    max_depth_per_bucket: AtomicUsize,
-    /// An `f64`, as its bits.
-    interactive_reserve: AtomicU64,
-    /// Refill left unused in every bucket (see [`Bucket::with_margin`]).
-    refill_margin: Duration,
-    /// See [`QueueConfig::relearn_interval`].
-    relearn_interval: Duration,
-    /// Consecutive upstream 429s that open a bucket's circuit.
-    circuit_threshold: u32,
-    /// Requests waiting in all buckets.
-    depth: AtomicUsize,
-}
-
-impl QueueBounds {
-    pub fn new(config: &QueueConfig, circuit_threshold: u32) -> Self {
-        Self {
-            max_depth: AtomicUsize::new(config.max_depth),
-            max_depth_per_bucket: AtomicUsize::new(config.max_depth_per_bucket),
-            interactive_reserve: AtomicU64::new(config.interactive_reserve.to_bits()),
-            refill_margin: config.refill_margin,
-            relearn_interval: config.relearn_interval,
-            circuit_threshold,
-            depth: AtomicUsize::new(0),
-        }
-    }
-
-    /// Takes a reloaded config's depths and reserve. Requests already queued stay queued,
-    /// even past a lowered depth; the bound applies to new arrivals.
-    pub fn update(&self, config: &QueueConfig) {
-        self.max_depth.store(config.max_depth, Ordering::Relaxed);
-        self.max_depth_per_bucket
-            .store(config.max_depth_per_bucket, Ordering::Relaxed);
-        self.interactive_reserve
-            .store(config.interactive_reserve.to_bits(), Ordering::Relaxed);
-    }
-
-    fn interactive_reserve(&self) -> f64 {
-        f64::from_bits(self.interactive_reserve.load(Ordering::Relaxed))
-    }
-}
-
 struct Waiter {
     id: u64,
     cost: Cost,
     wake: Arc<Notify>,
 }
 
-struct State {
-    bucket: Bucket,
-    /// The limits in force: the tighter of the configured and the learned ones.
-    limits: Limits,
-    configured: Limits,
-    /// The configuration (reload count) `configured` came from.
-    generation: u64,
-    /// What the upstream's answers taught: limits, and the sends its headers are read against.
-    learned: Learned,
-    gate: Gate,
+/// The waiting line of one bucket.
+#[derive(Default)]
+struct Line {
     classes: ByPriority<VecDeque<Waiter>>,
     /// Total cost queued per class, for predicting waits in O(1).
     queued: ByPriority<Cost>,
     next_id: u64,
-    last_429: Option<Refused>,
-}
-
-/// The last upstream 429 of a bucket, for the status view.
-#[derive(Clone, Copy, Debug)]
-struct Refused {
-    at: Instant,
-    reason: Reason,
-    /// How long the bucket paused for it.
-    wait: Duration,
 }
 
 /// A request let through by [`BucketQueue::admit`].
@@ -148,16 +89,11 @@ pub struct Admitted {
     pub waited: Duration,
     /// Set when this request is the gate's probe.
     pub probe: Option<Probe>,
+    /// The reservation's id in the budget.
+    pub ticket: Ticket,
 }
 
-impl State {
-    fn keep(&self, priority: Priority, bounds: &QueueBounds) -> f64 {
-        match priority {
-            Priority::Interactive => 0.0,
-            Priority::Batch => bounds.interactive_reserve(),
-        }
-    }
-
+impl Line {
     /// Whether nobody waits ahead of a new request of this priority.
     fn nobody_ahead(&self, priority: Priority) -> bool {
         match priority {
@@ -192,96 +128,18 @@ impl State {
         true
     }
 
-    /// Takes `cost` for the request at the head if the gate and the bucket let it go now.
-    fn try_go(&mut self, cost: Cost, keep: f64, now: Instant) -> Go {
-        let probe = match self.gate.check(false, now) {
-            Pass::Go(probe) => probe,
-            Pass::Until(until) => return Go::At(until),
-            Pass::Hold => return Go::Hold,
+    /// `cost` plus everything queued that goes before a request of `priority`.
+    fn cost_ahead(&self, priority: Priority, cost: Cost) -> Cost {
+        let mut total = cost;
+        let classes: &[Priority] = match priority {
+            Priority::Interactive => &[Priority::Interactive],
+            Priority::Batch => &[Priority::Interactive, Priority::Batch],
         };
-        let taken = match self.bucket.try_take(cost, keep, now) {
-            Ok(()) => Ok(probe),
-            // Beyond the proven burst: one request goes to prove it (a gate probe already
-            // going proves it as well as any), the others wait for its answer or the refill.
-            Err(Shortfall::Unproven { wait }) => {
-                let probe = probe.or(Some(Probe::Burst));
-                if probe == Some(Probe::Burst) && !self.gate.burst_probe_free() {
-                    return Go::At(now + wait);
-                }
-                self.bucket.take_as_proof(cost, keep, now).map(|()| probe)
-            }
-            Err(shortfall) => Err(shortfall),
-        };
-        match taken {
-            Ok(probe) => {
-                self.gate.claim(probe, now);
-                Go::Now(probe)
-            }
-            Err(Shortfall::Wait { wait, .. } | Shortfall::Unproven { wait }) => Go::At(now + wait),
-            Err(Shortfall::Never(oversize)) => Go::Never(oversize),
+        for &class in classes {
+            total.requests += self.queued[class].requests;
+            total.tokens += self.queued[class].tokens;
         }
-    }
-
-    /// The bucket's predicted wait for `cost`, and no earlier than the gate reopens.
-    fn projected_wait(&mut self, cost: Cost, keep: f64, now: Instant) -> Duration {
-        let bucket = self.bucket.projected_wait(cost, keep, now);
-        let gate = self
-            .gate
-            .blocked_until(now)
-            .map_or(Duration::ZERO, |until| until - now);
-        bucket.max(gate)
-    }
-
-    /// Forgets learned limits no response has confirmed for an hour; a bucket with nothing
-    /// configured then learns again, its next request going alone.
-    fn age_learned(&mut self, org: &str, model: &str, now: Instant) {
-        if !self.learned.is_stale(now) {
-            return;
-        }
-        tracing::info!(
-            org,
-            model,
-            "learned limits unconfirmed for an hour; learning them again"
-        );
-        self.forget_learned(now);
-        if self.learned.enabled && self.configured.is_empty() {
-            self.gate.relearn(now);
-        }
-    }
-
-    fn forget_learned(&mut self, now: Instant) {
-        self.learned.forget();
-        self.apply_limits(now);
-    }
-
-    /// A request is larger than a limit in force: forgets the learned limit when the
-    /// configuration would allow the request and nothing confirmed it for `interval` (see
-    /// [`Learned::doubt`]), so the request goes to learn it again. Returns whether it did.
-    fn doubt_learned(
-        &mut self,
-        oversize: Oversize,
-        cost: Cost,
-        interval: Duration,
-        now: Instant,
-    ) -> bool {
-        if !self
-            .learned
-            .doubt(&self.configured, oversize, cost, interval, now)
-        {
-            return false;
-        }
-        self.apply_limits(now);
-        true
-    }
-
-    /// Puts the tighter of the configured and learned limits in force, keeping what was spent.
-    fn apply_limits(&mut self, now: Instant) {
-        let limits = self.configured.tightest(&self.learned.limits);
-        if limits != self.limits {
-            self.bucket.set_limits(&limits, now);
-            self.limits = limits;
-            self.wake_head();
-        }
+        total
     }
 
     fn depth(&self) -> ByPriority<usize> {
@@ -300,24 +158,13 @@ impl State {
     }
 }
 
-/// Whether the request at the head goes now ([`State::try_go`]).
-enum Go {
-    /// It took its cost and goes, as this probe if any.
-    Now(Option<Probe>),
-    /// Not before this instant.
-    At(Instant),
-    /// Not until woken (a probe's answer, a refund, new limits).
-    Hold,
-    /// Never: it is larger than a limit.
-    Never(Oversize),
-}
-
 /// The budget and the waiting line of one (organization, model).
 pub struct BucketQueue {
     pub org: Arc<str>,
     pub model: Arc<str>,
     bounds: Arc<QueueBounds>,
-    state: Mutex<State>,
+    budget: Budget,
+    line: Mutex<Line>,
 }
 
 impl BucketQueue {
@@ -330,34 +177,35 @@ impl BucketQueue {
         learn: bool,
         bounds: Arc<QueueBounds>,
     ) -> Self {
-        let now = Instant::now();
-        let bucket = Bucket::with_margin(&limits, bounds.refill_margin, now);
-        let gate = Gate::new(learn && limits.is_empty(), bounds.circuit_threshold, now);
+        let budget = Budget::new(
+            Arc::clone(&org),
+            Arc::clone(&model),
+            limits,
+            learn,
+            Arc::clone(&bounds),
+        );
         Self {
             org,
             model,
             bounds,
-            state: Mutex::new(State {
-                bucket,
-                limits,
-                configured: limits,
-                generation: 0,
-                learned: Learned::new(learn),
-                gate,
-                classes: ByPriority::default(),
-                queued: ByPriority::default(),
-                next_id: 0,
-                last_429: None,
-            }),
+            budget,
+            line: Mutex::new(Line::default()),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the bucket half-updated in a way that
-        // matters more than stopping admission entirely; keep serving.
-        self.state
+    fn line(&self) -> MutexGuard<'_, Line> {
+        // The line is a list of waiters; a panic elsewhere cannot leave it inconsistent in a
+        // way that matters more than stopping admission entirely; keep serving.
+        self.line
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wakes the heads when `changed`: the budget moved in a way that may let them go.
+    fn wake_if(&self, changed: bool) {
+        if changed {
+            self.line().wake_head();
+        }
     }
 
     /// Waits until `cost` is taken from the bucket and the gate lets the request go, or
@@ -369,50 +217,37 @@ impl BucketQueue {
         deadline: Instant,
     ) -> Result<Admitted, Rejection> {
         let arrived = Instant::now();
+        match self.budget.check_size(cost, arrived) {
+            Ok(changed) => self.wake_if(changed),
+            Err(never) => return Err(too_large(never, cost)),
+        }
+        if self.line().nobody_ahead(priority) {
+            match self.budget.take(cost, priority, arrived).await {
+                Go::Now(ticket, probe) => {
+                    return Ok(Admitted {
+                        waited: Duration::ZERO,
+                        probe,
+                        ticket,
+                    })
+                }
+                Go::Never(never) => return Err(too_large(never, cost)),
+                Go::At(_) | Go::Hold => {}
+            }
+        }
         let wake = Arc::new(Notify::new());
         let id = {
-            let mut state = self.lock();
-            let keep = state.keep(priority, &self.bounds);
-            state.age_learned(&self.org, &self.model, arrived);
-            if let Err(never) = state.bucket.fits_ever(cost) {
-                if !state.doubt_learned(never, cost, self.bounds.relearn_interval, arrived) {
-                    return Err(too_large(never, cost));
-                }
-                tracing::warn!(
-                    org = %self.org,
-                    model = %self.model,
-                    resource = never.resource.label(),
-                    learned = never.limit,
-                    requested = cost.of(never.resource),
-                    "a request is larger than a learned limit; sending it to learn the limit again"
-                );
-                if let Err(never) = state.bucket.fits_ever(cost) {
-                    return Err(too_large(never, cost));
-                }
-            }
-            if state.nobody_ahead(priority) {
-                match state.try_go(cost, keep, arrived) {
-                    Go::Now(probe) => {
-                        return Ok(Admitted {
-                            waited: Duration::ZERO,
-                            probe,
-                        })
-                    }
-                    Go::Never(never) => return Err(too_large(never, cost)),
-                    Go::At(_) | Go::Hold => {}
-                }
-            }
-            let ahead = self.cost_ahead(&state, priority, cost);
-            let wait = state.projected_wait(ahead, keep, arrived);
-            let depth = state.classes.interactive.len() + state.classes.batch.len();
+            let mut line = self.line();
+            let ahead = line.cost_ahead(priority, cost);
+            let wait = self.budget.projected_wait(ahead, priority, arrived);
+            let depth = line.classes.interactive.len() + line.classes.batch.len();
             if depth >= self.bounds.max_depth_per_bucket.load(Ordering::Relaxed) {
                 return Err(Rejection::QueueFull { depth, wait });
             }
             if arrived + wait > deadline {
-                let resource = self.binding_resource(&mut state, ahead, keep, arrived);
+                let (resource, limit) = self.budget.binding_limit(ahead, priority, arrived);
                 return Err(Rejection::Deadline {
                     resource,
-                    limit: state.bucket.limit(resource),
+                    limit,
                     wait,
                     waited: Duration::ZERO,
                 });
@@ -422,14 +257,14 @@ impl BucketQueue {
                 self.bounds.depth.fetch_sub(1, Ordering::Relaxed);
                 return Err(Rejection::QueueFull { depth: total, wait });
             }
-            let id = state.next_id;
-            state.next_id += 1;
-            state.classes[priority].push_back(Waiter {
+            let id = line.next_id;
+            line.next_id += 1;
+            line.classes[priority].push_back(Waiter {
                 id,
                 cost,
                 wake: Arc::clone(&wake),
             });
-            let queued = &mut state.queued[priority];
+            let queued = &mut line.queued[priority];
             queued.requests += cost.requests;
             queued.tokens += cost.tokens;
             id
@@ -443,41 +278,37 @@ impl BucketQueue {
         };
         loop {
             let now = Instant::now();
+            let is_head = self.line().current_head() == Some((priority, id));
             // `None`: nothing to time, wait to be woken (or for the deadline).
-            let next_try = {
-                let mut state = self.lock();
-                let keep = state.keep(priority, &self.bounds);
-                if state.current_head() == Some((priority, id)) {
-                    match state.try_go(cost, keep, now) {
-                        Go::Now(probe) => {
-                            state.remove(priority, id);
-                            place.queued = false;
-                            self.bounds.depth.fetch_sub(1, Ordering::Relaxed);
-                            // The next in line may fit too.
-                            state.wake_head();
-                            return Ok(Admitted {
-                                waited: now.saturating_duration_since(arrived),
-                                probe,
-                            });
-                        }
-                        Go::At(at) => Some(at),
-                        Go::Hold => None,
-                        // The limits shrank below this request while it waited.
-                        Go::Never(never) => return Err(too_large(never, cost)),
+            let next_try = if is_head {
+                match self.budget.take(cost, priority, now).await {
+                    Go::Now(ticket, probe) => {
+                        let mut line = self.line();
+                        line.remove(priority, id);
+                        place.queued = false;
+                        self.bounds.depth.fetch_sub(1, Ordering::Relaxed);
+                        // The next in line may fit too.
+                        line.wake_head();
+                        return Ok(Admitted {
+                            waited: now.saturating_duration_since(arrived),
+                            probe,
+                            ticket,
+                        });
                     }
-                } else {
-                    None
+                    Go::At(at) => Some(at),
+                    Go::Hold => None,
+                    // The limits shrank below this request while it waited.
+                    Go::Never(never) => return Err(too_large(never, cost)),
                 }
+            } else {
+                None
             };
             if next_try.is_some_and(|at| at > deadline) || now >= deadline {
-                let mut state = self.lock();
-                let keep = state.keep(priority, &self.bounds);
-                let resource = self.binding_resource(&mut state, cost, keep, now);
-                let wait = state.projected_wait(cost, keep, now);
+                let (resource, limit) = self.budget.binding_limit(cost, priority, now);
                 return Err(Rejection::Deadline {
                     resource,
-                    limit: state.bucket.limit(resource),
-                    wait,
+                    limit,
+                    wait: self.budget.projected_wait(cost, priority, now),
                     waited: now.saturating_duration_since(arrived),
                 });
             }
@@ -489,193 +320,59 @@ impl BucketQueue {
         }
     }
 
-    fn cost_ahead(&self, state: &State, priority: Priority, cost: Cost) -> Cost {
-        let mut total = cost;
-        let classes: &[Priority] = match priority {
-            Priority::Interactive => &[Priority::Interactive],
-            Priority::Batch => &[Priority::Interactive, Priority::Batch],
-        };
-        for &class in classes {
-            total.requests += state.queued[class].requests;
-            total.tokens += state.queued[class].tokens;
-        }
-        total
+    /// Ends reservation `ticket` in the bucket, and wakes the heads if budget came back.
+    pub fn settle(&self, ticket: Ticket, settle: Settle) {
+        let refunded = self.budget.settle(ticket, settle);
+        self.wake_if(refunded);
     }
 
-    /// Which resource makes `cost` wait (for naming the limit in a rejection).
-    fn binding_resource(&self, state: &mut State, cost: Cost, keep: f64, now: Instant) -> Resource {
-        let mut resource = Resource::Requests;
-        let mut longest = Duration::ZERO;
-        for candidate in [Resource::Requests, Resource::Tokens] {
-            let only = match candidate {
-                Resource::Requests => Cost {
-                    requests: cost.requests,
-                    tokens: 0,
-                },
-                Resource::Tokens => Cost {
-                    requests: 0,
-                    tokens: cost.tokens,
-                },
-            };
-            let wait = state.bucket.projected_wait(only, keep, now);
-            if wait > longest {
-                longest = wait;
-                resource = candidate;
-            }
-        }
-        resource
-    }
-
-    /// Returns budget (a refund) and wakes the heads, who may now fit.
-    pub fn give_back(&self, cost: Cost) {
-        let mut state = self.lock();
-        state.bucket.give_back(cost, Instant::now());
-        state.wake_head();
-    }
-
-    /// Takes budget unconditionally (usage beyond the estimate): debt.
-    pub fn charge(&self, cost: Cost) {
-        self.lock().bucket.charge(cost, Instant::now());
-    }
-
-    /// Replaces the configured limits (the learned ones still cap them), keeping what was
-    /// spent, and wakes the heads; unless the bucket already took the limits of a newer
-    /// configuration than `generation`.
+    /// Replaces the configured limits, keeping what was spent, and wakes the heads (see
+    /// [`Budget::set_limits`]).
     pub fn set_limits(&self, limits: Limits, generation: u64) {
-        let mut state = self.lock();
-        if generation < state.generation {
-            return;
-        }
-        state.generation = generation;
-        if state.configured != limits {
-            state.configured = limits;
-            // What the bucket learned and the pauses it took were under the old limits; a
-            // changed configuration is the operator's way to clear them (a pause from a
-            // broken header, a limit learned from one).
-            let now = Instant::now();
-            state.gate.clear_pause();
-            state.last_429 = None;
-            state.forget_learned(now);
-            warn_if_above_upstream(
-                &self.org,
-                &self.model,
-                &state.configured,
-                &state.learned.limits,
-            );
-            state.apply_limits(Instant::now());
-        }
+        let changed = self.budget.set_limits(limits, generation);
+        self.wake_if(changed);
     }
 
     /// Whether the bucket has configured limits (not only learned ones).
     pub fn is_configured(&self) -> bool {
-        !self.lock().configured.is_empty()
+        self.budget.is_configured()
     }
 
     /// A request holding `cost` is being sent upstream (again, for a replay).
     pub fn dispatched(&self, cost: Cost) -> Mark {
-        self.lock().learned.dispatched(cost, Instant::now())
+        self.budget.dispatched(cost)
     }
 
     /// The send at `mark` never reached the upstream (its connection was refused).
     pub fn undispatched(&self, mark: Mark) {
-        self.lock().learned.undispatched(mark);
+        self.budget.undispatched(mark);
     }
 
-    /// Corrects the bucket toward the upstream's view in `headers`, which came back for a
-    /// request sent at `mark`: adopts the limits they announce (a configured limit above the
-    /// upstream's is lowered to it), lowers the levels to what the upstream had left less
-    /// what was sent since, and shrinks the burst when the figures show a quantized limit.
-    /// Never loosens anything.
+    /// Corrects the bucket with the headers of a response to the send at `mark` (see
+    /// [`Budget::observe`]).
     pub fn observe(&self, mark: Mark, headers: &RateLimitHeaders) {
-        let now = Instant::now();
-        let mut state = self.lock();
-        if headers.is_empty() {
-            return;
-        }
-        let views = views(headers);
-        if let Some(learned) = state.learned.learn(headers, &views, now) {
-            warn_if_above_upstream(&self.org, &self.model, &state.configured, &learned);
-            tracing::info!(
-                org = %self.org,
-                model = %self.model,
-                rpm = ?learned.rpm,
-                tpm = ?learned.tpm,
-                rpd = ?learned.rpd,
-                tpd = ?learned.tpd,
-                "learned the upstream's limits"
-            );
-            state.apply_limits(now);
-        }
-        if !state.learned.limits.is_empty() {
-            state.gate.learned();
-        }
-        let State {
-            learned, bucket, ..
-        } = &mut *state;
-        learned.correct(mark, &views, bucket, now);
+        let changed = self.budget.observe(mark, headers);
+        self.wake_if(changed);
     }
 
     /// The upstream answered a request of this bucket without a rate limit.
     pub fn answered(&self, probe: Option<Probe>) {
-        let mut state = self.lock();
-        state.gate.answered();
-        if let Some(probe) = probe {
-            state.gate.finish_probe(probe, ProbeOutcome::Answered);
-            if probe == Probe::Burst && !state.bucket.is_proven() {
-                state.bucket.burst_proven();
-                tracing::debug!(
-                    org = %self.org,
-                    model = %self.model,
-                    "the upstream took a request beyond a second's worth at once: burst proven"
-                );
-            }
-        }
-        state.wake_head();
+        self.budget.answered(probe);
+        self.wake_if(true);
     }
 
     /// A probe ended without an answer (cancelled, failed to connect).
     pub fn abandon_probe(&self, probe: Probe) {
-        let mut state = self.lock();
-        state.gate.finish_probe(probe, ProbeOutcome::Abandoned);
-        state.wake_head();
+        self.budget.abandon_probe(probe);
+        self.wake_if(true);
     }
 
-    /// The upstream answered 429 for a request of this bucket: nothing is sent before
-    /// `resume`; after enough consecutive 429s the circuit opens until `reset`. Its
-    /// [`Evidence`] shrinks the burst or keeps more refill in hand. Returns whether the
-    /// circuit opened.
+    /// The upstream answered 429 for a request of this bucket (see
+    /// [`Budget::rate_limited`]). Returns whether the circuit opened.
     pub fn rate_limited(&self, rate_limited: RateLimited) -> bool {
-        let now = Instant::now();
-        let mut state = self.lock();
-        let opened = state
-            .gate
-            .rate_limited(rate_limited.resume, rate_limited.reset);
-        if let Some(probe) = rate_limited.probe {
-            state.gate.finish_probe(probe, ProbeOutcome::RateLimited);
-        }
-        match rate_limited.evidence {
-            Evidence::Burst(resource) => state.bucket.burst_refused(resource, now),
-            Evidence::Contention => state.bucket.contended(now),
-            Evidence::Nothing => {}
-        }
+        let opened = self.budget.rate_limited(rate_limited);
         // Whoever waited on a probe looks again (and finds the pause).
-        state.wake_head();
-        state.last_429 = Some(Refused {
-            at: now,
-            reason: rate_limited.reason,
-            wait: rate_limited.resume.saturating_duration_since(now),
-        });
-        if opened {
-            tracing::warn!(
-                org = %self.org,
-                model = %self.model,
-                until_ms = state
-                    .gate
-                    .blocked_until(now)
-                    .map_or(0, |until| (until - now).as_millis() as u64),
-                "circuit open: consecutive upstream 429s"
-            );
-        }
+        self.wake_if(true);
         opened
     }
 
@@ -685,32 +382,19 @@ impl BucketQueue {
     /// requests go again at the refill rate, not all at once). Returns the gate's probe if
     /// this re-send is one, or the remaining wait when it cannot go before `deadline`.
     pub async fn replay(&self, again: Cost, deadline: Instant) -> Result<Option<Probe>, Duration> {
-        self.lock().gate.add_replay();
+        self.budget.add_replay();
         let _replay = ReplayGuard { queue: self };
         loop {
             let now = Instant::now();
-            let until = {
-                let mut state = self.lock();
-                match state.gate.check(true, now) {
-                    Pass::Go(probe) => match state.bucket.take_as_proof(again, 0.0, now) {
-                        // Limits that shrank below the request do not strand it mid-replay.
-                        Ok(()) | Err(Shortfall::Never(_) | Shortfall::Unproven { .. }) => {
-                            state.gate.claim(probe, now);
-                            return Ok(probe);
-                        }
-                        Err(Shortfall::Wait { wait, .. }) if now + wait > deadline => {
-                            return Err(wait);
-                        }
-                        Err(Shortfall::Wait { wait, .. }) => now + wait,
-                    },
-                    Pass::Until(until) if until > deadline => {
-                        return Err(until.saturating_duration_since(now));
-                    }
-                    Pass::Until(until) => until,
-                    // Another request is probing the circuit: look again shortly.
-                    Pass::Hold if now >= deadline => return Err(Duration::from_secs(1)),
-                    Pass::Hold => (now + Duration::from_millis(50)).min(deadline),
+            let until = match self.budget.take_again(again, now).await {
+                Again::Now(probe) => return Ok(probe),
+                Again::At(until) if until > deadline => {
+                    return Err(until.saturating_duration_since(now));
                 }
+                Again::At(until) => until,
+                // Another request is probing the circuit: look again shortly.
+                Again::Hold if now >= deadline => return Err(Duration::from_secs(1)),
+                Again::Hold => (now + Duration::from_millis(50)).min(deadline),
             };
             tokio::time::sleep_until(until).await;
         }
@@ -718,73 +402,20 @@ impl BucketQueue {
 
     /// What the status view and metrics show of this bucket.
     pub fn status(&self) -> BucketStatus {
-        let now = Instant::now();
-        let mut state = self.lock();
-        BucketStatus {
-            configured: state.configured,
-            learned: state.learned.limits,
-            in_force: state.limits,
-            available: PerResource {
-                requests: state.bucket.available(Resource::Requests, now),
-                tokens: state.bucket.available(Resource::Tokens, now),
-            },
-            burst: PerResource {
-                requests: state.bucket.burst(Resource::Requests),
-                tokens: state.bucket.burst(Resource::Tokens),
-            },
-            learning: state.gate.is_learning(),
-            circuit: state.gate.circuit(),
-            paused_for: state
-                .gate
-                .paused_until()
-                .map(|until| until.saturating_duration_since(now))
-                .filter(|wait| !wait.is_zero()),
-            depth: state.depth(),
-            replays: state.gate.replays(),
-            upstream: state
-                .learned
-                .last_headers(now)
-                .map(|(headers, age)| LastHeaders { headers, age }),
-            last_429: state.last_429.map(|refused| Last429 {
-                reason: refused.reason,
-                wait: refused.wait,
-                age: now.saturating_duration_since(refused.at),
-            }),
-        }
+        let mut status = self.budget.status();
+        status.depth = self.depth();
+        status
     }
 
     /// Requests waiting per class.
     pub fn depth(&self) -> ByPriority<usize> {
-        self.lock().depth()
+        self.line().depth()
     }
 
     /// Units available now (negative in debt); `None` when unlimited.
     pub fn available(&self, resource: Resource) -> Option<f64> {
-        self.lock().bucket.available(resource, Instant::now())
+        self.budget.available(resource)
     }
-}
-
-/// What an upstream rate-limit 429 shows about the bucket's budget, beyond its pause.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Evidence {
-    /// The upstream refused although its per-minute figures had room for the request: its
-    /// burst of this resource is smaller than the bucket's (a quantized limit).
-    Burst(Resource),
-    /// The upstream refused a request the bucket had room for, not for a burst: another
-    /// client spends the same budget.
-    Contention,
-    /// Nothing beyond the pause (`slow_down`).
-    Nothing,
-}
-
-/// What an upstream 429 does to a bucket (see [`BucketQueue::rate_limited`]).
-#[derive(Clone, Copy, Debug)]
-pub struct RateLimited {
-    pub resume: Instant,
-    pub reset: Instant,
-    pub evidence: Evidence,
-    pub probe: Option<Probe>,
-    pub reason: Reason,
 }
 
 /// Leaves the replay line however the replay ends.
@@ -794,9 +425,8 @@ struct ReplayGuard<'a> {
 
 impl Drop for ReplayGuard<'_> {
     fn drop(&mut self) {
-        let mut state = self.queue.lock();
-        state.gate.remove_replay();
-        state.wake_head();
+        self.queue.budget.remove_replay();
+        self.queue.wake_if(true);
     }
 }
 
@@ -811,11 +441,11 @@ struct Place<'a> {
 impl Drop for Place<'_> {
     fn drop(&mut self) {
         if self.queued {
-            let mut state = self.queue.lock();
-            if state.remove(self.priority, self.id) {
+            let mut line = self.queue.line();
+            if line.remove(self.priority, self.id) {
                 self.queue.bounds.depth.fetch_sub(1, Ordering::Relaxed);
             }
-            state.wake_head();
+            line.wake_head();
         }
     }
 }
@@ -840,6 +470,9 @@ fn too_large(oversize: Oversize, cost: Cost) -> Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::QueueConfig;
+    use crate::limiter::budget::Evidence;
+    use crate::upstream::ratelimit::Reason;
 
     /// Waiting requests as (interactive, batch).
     fn depth(queue: &BucketQueue) -> (usize, usize) {
@@ -850,7 +483,7 @@ mod tests {
     /// A queue whose bucket's burst is proven (the proof has tests of its own).
     fn queue(limits: Limits, reserve: f64, max_depth: usize) -> Arc<BucketQueue> {
         let queue = unproven_queue(limits, reserve, max_depth);
-        queue.lock().bucket.burst_proven();
+        queue.budget.prove_burst();
         queue
     }
 
@@ -1060,7 +693,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_request_waits_past_its_deadline() {
         let queue = queue(tpm(600), 0.0, 100);
-        queue
+        let drained = queue
             .admit(Cost::request(600), Priority::Interactive, far())
             .await
             .expect("drain");
@@ -1080,10 +713,13 @@ mod tests {
             })
         };
         settle_tasks().await;
-        queue.charge(Cost {
-            requests: 0,
-            tokens: 100,
-        });
+        queue.settle(
+            drained.ticket,
+            Settle::Debt(Cost {
+                requests: 0,
+                tokens: 100,
+            }),
+        );
         let (result, elapsed) = waiting.await.expect("task");
         assert!(
             matches!(result, Err(Rejection::Deadline { .. })),
@@ -1148,7 +784,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refunds_wake_the_head_early() {
         let queue = queue(tpm(600), 0.0, 100);
-        queue
+        let drained = queue
             .admit(Cost::request(600), Priority::Interactive, far())
             .await
             .expect("drain");
@@ -1156,7 +792,7 @@ mod tests {
         let waiting = spawn_admit(&queue, 300, Priority::Interactive, "w", &log);
         settle_tasks().await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        queue.give_back(Cost::request(300));
+        queue.settle(drained.ticket, Settle::Refund(Cost::request(300)));
         waiting.await.expect("task").expect("admitted");
         let log = log.lock().expect("test mutex").clone();
         assert_eq!(

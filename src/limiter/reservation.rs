@@ -15,14 +15,17 @@ use crate::upstream::ratelimit::{RateLimitHeaders, Reason};
 use crate::upstream::usage::Usage;
 
 use super::bucket::Cost;
+use super::budget::{Evidence, RateLimited, Settle, Ticket};
 use super::gate::Probe;
 use super::learn::Mark;
-use super::queue::{Admitted, BucketQueue, Evidence, RateLimited};
+use super::queue::{Admitted, BucketQueue};
 
 /// Budget taken from a bucket for one request.
 #[must_use = "a reservation is refunded when dropped; settle it once the upstream answered"]
 pub struct Reservation {
     queue: Arc<BucketQueue>,
+    /// What the budget knows this reservation by.
+    ticket: Ticket,
     cost: Cost,
     reached_upstream: bool,
     /// Time spent queued before admission (and before re-sends after 429s).
@@ -38,6 +41,7 @@ impl Reservation {
     pub(super) fn new(queue: Arc<BucketQueue>, cost: Cost, admitted: Admitted) -> Self {
         Self {
             queue,
+            ticket: admitted.ticket,
             cost,
             reached_upstream: false,
             waited: admitted.waited,
@@ -141,16 +145,14 @@ impl Reservation {
     /// charged (debt if the bucket is short), negative refunded.
     pub fn settle(mut self, delta: i64) {
         self.reached_upstream = true;
+        let tokens = Cost {
+            requests: 0,
+            tokens: delta.unsigned_abs(),
+        };
         if delta > 0 {
-            self.queue.charge(Cost {
-                requests: 0,
-                tokens: delta.unsigned_abs(),
-            });
+            self.queue.settle(self.ticket, Settle::Debt(tokens));
         } else if delta < 0 {
-            self.queue.give_back(Cost {
-                requests: 0,
-                tokens: delta.unsigned_abs(),
-            });
+            self.queue.settle(self.ticket, Settle::Refund(tokens));
         }
     }
 }
@@ -161,7 +163,7 @@ impl Drop for Reservation {
             self.queue.abandon_probe(probe);
         }
         if !self.reached_upstream {
-            self.queue.give_back(self.cost);
+            self.queue.settle(self.ticket, Settle::Refund(self.cost));
         }
     }
 }

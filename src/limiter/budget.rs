@@ -1,0 +1,578 @@
+//! The storage seam: one bucket's budget, and everything the upstream taught it.
+//!
+//! A [`Budget`] holds what a bucket knows and spends: its level (the [`Bucket`]), the limits
+//! in force (configured, learned from headers, and the tighter of the two), the gate (the
+//! pause after a 429, the circuit, the probes), and the last 429 for the status view. The
+//! waiting line ([`super::queue`]) and the reservation reach it only through the methods
+//! below, and never hold the line's lock across [`Budget::take`], so the state can live
+//! somewhere other than this process (a store shared by replicas) behind the same calls:
+//!
+//! - **admission** is one round trip, [`Budget::take`] (and [`Budget::take_again`] for a
+//!   replay), which takes a request's whole cost or says when to ask again; both are `async`
+//!   for that reason, although here they never wait;
+//! - **settlement** is [`Budget::settle`], by the [`Ticket`] admission handed out, so a store
+//!   that may see a settle twice can refuse the second;
+//! - **what the upstream shows** (`dispatched`, `observe`, `answered`, `rate_limited`) and
+//!   **configuration** (`set_limits`) change the state in place;
+//! - **predictions** (`check_size`, `projected_wait`, `binding_limit`, `status`) read it.
+//!
+//! Lock order: the line may call in here while holding its own lock; nothing in here calls
+//! the line. Methods that may let a waiter go say so (they return `true`, or always do), and
+//! the line wakes its heads after them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Shortfall};
+use crate::limiter::gate::{Gate, Pass, Probe, ProbeOutcome};
+use crate::priority::Priority;
+use crate::resource::{PerResource, Resource};
+use crate::upstream::ratelimit::{RateLimitHeaders, Reason};
+
+use super::bounds::QueueBounds;
+use super::learn::{views, warn_if_above_upstream, Learned, Mark};
+use super::status::{BucketStatus, Last429, LastHeaders};
+
+/// Hands out reservation ids; unique within the process.
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
+
+/// The id of one admission's reservation: what its settlement is recorded under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ticket(u64);
+
+impl Ticket {
+    fn next() -> Self {
+        Self(NEXT_TICKET.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The outcome of one admission round trip ([`Budget::take`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Go {
+    /// The cost is taken; the request goes, as this probe if any.
+    Now(Ticket, Option<Probe>),
+    /// Not before this instant.
+    At(Instant),
+    /// Not until woken (a probe's answer, a refund, new limits).
+    Hold,
+    /// Never: it is larger than a limit.
+    Never(Oversize),
+}
+
+/// The outcome of asking to send a refused request again ([`Budget::take_again`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Again {
+    /// It goes now, as this probe if any.
+    Now(Option<Probe>),
+    /// Not before this instant.
+    At(Instant),
+    /// Another request is probing the circuit: ask again shortly.
+    Hold,
+}
+
+/// How a reservation ends in its bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// Budget comes back: unused output, or a request that never reached the upstream.
+    Refund(Cost),
+    /// More budget is taken: usage beyond the estimate.
+    Debt(Cost),
+}
+
+/// What an upstream rate-limit 429 shows about the bucket's budget, beyond its pause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    /// The upstream refused although its per-minute figures had room for the request: its
+    /// burst of this resource is smaller than the bucket's (a quantized limit).
+    Burst(Resource),
+    /// The upstream refused a request the bucket had room for, not for a burst: another
+    /// client spends the same budget.
+    Contention,
+    /// Nothing beyond the pause (`slow_down`).
+    Nothing,
+}
+
+/// What an upstream 429 does to a bucket (see [`Budget::rate_limited`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimited {
+    pub resume: Instant,
+    pub reset: Instant,
+    pub evidence: Evidence,
+    pub probe: Option<Probe>,
+    pub reason: Reason,
+}
+
+/// The last upstream 429 of a bucket, for the status view.
+#[derive(Clone, Copy, Debug)]
+struct Refused {
+    at: Instant,
+    reason: Reason,
+    /// How long the bucket paused for it.
+    wait: Duration,
+}
+
+struct State {
+    bucket: Bucket,
+    /// The limits in force: the tighter of the configured and the learned ones.
+    limits: Limits,
+    configured: Limits,
+    /// The configuration (reload count) `configured` came from.
+    generation: u64,
+    /// What the upstream's answers taught: limits, and the sends its headers are read against.
+    learned: Learned,
+    gate: Gate,
+    last_429: Option<Refused>,
+}
+
+/// One bucket's budget, in this process's memory.
+pub struct Budget {
+    org: Arc<str>,
+    model: Arc<str>,
+    bounds: Arc<QueueBounds>,
+    state: Mutex<State>,
+}
+
+impl Budget {
+    /// A budget with the configured `limits`; `learn` sends its first request alone while
+    /// no limit is known, to learn them from the upstream's headers.
+    pub fn new(
+        org: Arc<str>,
+        model: Arc<str>,
+        limits: Limits,
+        learn: bool,
+        bounds: Arc<QueueBounds>,
+    ) -> Self {
+        let now = Instant::now();
+        let bucket = Bucket::with_margin(&limits, bounds.refill_margin, now);
+        let gate = Gate::new(learn && limits.is_empty(), bounds.circuit_threshold, now);
+        Self {
+            org,
+            model,
+            bounds,
+            state: Mutex::new(State {
+                bucket,
+                limits,
+                configured: limits,
+                generation: 0,
+                learned: Learned::new(learn),
+                gate,
+                last_429: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the bucket half-updated in a way that
+        // matters more than stopping admission entirely; keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What a request of `priority` leaves in the bucket for others.
+    fn keep(&self, priority: Priority) -> f64 {
+        match priority {
+            Priority::Interactive => 0.0,
+            Priority::Batch => self.bounds.interactive_reserve(),
+        }
+    }
+
+    /// Takes `cost` if the gate and the bucket let a request of `priority` go now.
+    pub async fn take(&self, cost: Cost, priority: Priority, now: Instant) -> Go {
+        let keep = self.keep(priority);
+        let mut state = self.lock();
+        let probe = match state.gate.check(false, now) {
+            Pass::Go(probe) => probe,
+            Pass::Until(until) => return Go::At(until),
+            Pass::Hold => return Go::Hold,
+        };
+        let taken = match state.bucket.try_take(cost, keep, now) {
+            Ok(()) => Ok(probe),
+            // Beyond the proven burst: one request goes to prove it (a gate probe already
+            // going proves it as well as any), the others wait for its answer or the refill.
+            Err(Shortfall::Unproven { wait }) => {
+                let probe = probe.or(Some(Probe::Burst));
+                if probe == Some(Probe::Burst) && !state.gate.burst_probe_free() {
+                    return Go::At(now + wait);
+                }
+                state.bucket.take_as_proof(cost, keep, now).map(|()| probe)
+            }
+            Err(shortfall) => Err(shortfall),
+        };
+        match taken {
+            Ok(probe) => {
+                state.gate.claim(probe, now);
+                Go::Now(Ticket::next(), probe)
+            }
+            Err(Shortfall::Wait { wait, .. } | Shortfall::Unproven { wait }) => Go::At(now + wait),
+            Err(Shortfall::Never(oversize)) => Go::Never(oversize),
+        }
+    }
+
+    /// Takes `again` for a refused request to be sent once more: after the pause, and
+    /// before anything new (it ignores the reserve and the burst proof; limits that shrank
+    /// below it do not strand it mid-replay).
+    pub async fn take_again(&self, again: Cost, now: Instant) -> Again {
+        let mut state = self.lock();
+        match state.gate.check(true, now) {
+            Pass::Go(probe) => match state.bucket.take_as_proof(again, 0.0, now) {
+                Ok(()) | Err(Shortfall::Never(_) | Shortfall::Unproven { .. }) => {
+                    state.gate.claim(probe, now);
+                    Again::Now(probe)
+                }
+                Err(Shortfall::Wait { wait, .. }) => Again::At(now + wait),
+            },
+            Pass::Until(until) => Again::At(until),
+            Pass::Hold => Again::Hold,
+        }
+    }
+
+    /// Ends reservation `ticket` in the bucket. Returns whether budget came back (waiters
+    /// may fit). A reservation is consumed by its one settle, so in memory the ticket is only
+    /// carried; a shared store records it to refuse a settle it already took.
+    pub fn settle(&self, ticket: Ticket, settle: Settle) -> bool {
+        let now = Instant::now();
+        let mut state = self.lock();
+        match settle {
+            Settle::Refund(cost) => {
+                state.bucket.give_back(cost, now);
+                tracing::trace!(ticket = ticket.0, ?cost, "refunded");
+                true
+            }
+            Settle::Debt(cost) => {
+                state.bucket.charge(cost, now);
+                tracing::trace!(ticket = ticket.0, ?cost, "charged beyond the estimate");
+                false
+            }
+        }
+    }
+
+    /// Whether `cost` can ever fit. Forgets learned limits no response confirmed for an hour
+    /// first, and a learned limit the request is larger than when the configuration allows
+    /// it and nothing confirmed it for `relearn_interval` (the request then goes to learn it
+    /// again). `Ok(true)` when the limits in force changed (waiters may fit).
+    pub fn check_size(&self, cost: Cost, now: Instant) -> Result<bool, Oversize> {
+        let mut state = self.lock();
+        let mut changed = state.age_learned(&self.org, &self.model, now);
+        if let Err(never) = state.bucket.fits_ever(cost) {
+            if !state.doubt_learned(never, cost, self.bounds.relearn_interval, now) {
+                return Err(never);
+            }
+            changed = true;
+            tracing::warn!(
+                org = %self.org,
+                model = %self.model,
+                resource = never.resource.label(),
+                learned = never.limit,
+                requested = cost.of(never.resource),
+                "a request is larger than a learned limit; sending it to learn the limit again"
+            );
+            state.bucket.fits_ever(cost)?;
+        }
+        Ok(changed)
+    }
+
+    /// The predicted wait for `cost` (a request and everything queued ahead of it), no
+    /// earlier than the gate reopens.
+    pub fn projected_wait(&self, cost: Cost, priority: Priority, now: Instant) -> Duration {
+        let keep = self.keep(priority);
+        let mut state = self.lock();
+        let bucket = state.bucket.projected_wait(cost, keep, now);
+        let gate = state
+            .gate
+            .blocked_until(now)
+            .map_or(Duration::ZERO, |until| until - now);
+        bucket.max(gate)
+    }
+
+    /// The resource that makes `cost` wait longest, and its limit (for naming the limit in a
+    /// rejection).
+    pub fn binding_limit(
+        &self,
+        cost: Cost,
+        priority: Priority,
+        now: Instant,
+    ) -> (Resource, Option<u64>) {
+        let keep = self.keep(priority);
+        let mut state = self.lock();
+        let mut resource = Resource::Requests;
+        let mut longest = Duration::ZERO;
+        for candidate in [Resource::Requests, Resource::Tokens] {
+            let only = match candidate {
+                Resource::Requests => Cost {
+                    requests: cost.requests,
+                    tokens: 0,
+                },
+                Resource::Tokens => Cost {
+                    requests: 0,
+                    tokens: cost.tokens,
+                },
+            };
+            let wait = state.bucket.projected_wait(only, keep, now);
+            if wait > longest {
+                longest = wait;
+                resource = candidate;
+            }
+        }
+        (resource, state.bucket.limit(resource))
+    }
+
+    /// Replaces the configured limits (the learned ones still cap them), keeping what was
+    /// spent, unless the bucket already took the limits of a newer configuration than
+    /// `generation`. Returns whether the limits in force changed.
+    pub fn set_limits(&self, limits: Limits, generation: u64) -> bool {
+        let mut state = self.lock();
+        if generation < state.generation {
+            return false;
+        }
+        state.generation = generation;
+        if state.configured == limits {
+            return false;
+        }
+        state.configured = limits;
+        // What the bucket learned and the pauses it took were under the old limits; a
+        // changed configuration is the operator's way to clear them (a pause from a broken
+        // header, a limit learned from one).
+        let now = Instant::now();
+        state.gate.clear_pause();
+        state.last_429 = None;
+        state.learned.forget();
+        warn_if_above_upstream(
+            &self.org,
+            &self.model,
+            &state.configured,
+            &state.learned.limits,
+        );
+        state.apply_limits(now);
+        // The pause is gone even if the limits in force are the same.
+        true
+    }
+
+    /// Whether the bucket has configured limits (not only learned ones).
+    pub fn is_configured(&self) -> bool {
+        !self.lock().configured.is_empty()
+    }
+
+    /// A request holding `cost` is being sent upstream (again, for a replay).
+    pub fn dispatched(&self, cost: Cost) -> Mark {
+        self.lock().learned.dispatched(cost, Instant::now())
+    }
+
+    /// The send at `mark` never reached the upstream (its connection was refused).
+    pub fn undispatched(&self, mark: Mark) {
+        self.lock().learned.undispatched(mark);
+    }
+
+    /// Corrects the bucket toward the upstream's view in `headers`, which came back for a
+    /// request sent at `mark`: adopts the limits they announce (a configured limit above the
+    /// upstream's is lowered to it), lowers the levels to what the upstream had left less
+    /// what was sent since, and shrinks the burst when the figures show a quantized limit.
+    /// Never loosens anything. Returns whether the limits in force changed.
+    pub fn observe(&self, mark: Mark, headers: &RateLimitHeaders) -> bool {
+        if headers.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let mut state = self.lock();
+        let views = views(headers);
+        let mut changed = false;
+        if let Some(learned) = state.learned.learn(headers, &views, now) {
+            warn_if_above_upstream(&self.org, &self.model, &state.configured, &learned);
+            tracing::info!(
+                org = %self.org,
+                model = %self.model,
+                rpm = ?learned.rpm,
+                tpm = ?learned.tpm,
+                rpd = ?learned.rpd,
+                tpd = ?learned.tpd,
+                "learned the upstream's limits"
+            );
+            changed = state.apply_limits(now);
+        }
+        if !state.learned.limits.is_empty() {
+            state.gate.learned();
+        }
+        let State {
+            learned, bucket, ..
+        } = &mut *state;
+        learned.correct(mark, &views, bucket, now);
+        changed
+    }
+
+    /// The upstream answered a request of this bucket without a rate limit (as `probe`,
+    /// which then ends).
+    pub fn answered(&self, probe: Option<Probe>) {
+        let mut state = self.lock();
+        state.gate.answered();
+        if let Some(probe) = probe {
+            state.gate.finish_probe(probe, ProbeOutcome::Answered);
+            if probe == Probe::Burst && !state.bucket.is_proven() {
+                state.bucket.burst_proven();
+                tracing::debug!(
+                    org = %self.org,
+                    model = %self.model,
+                    "the upstream took a request beyond a second's worth at once: burst proven"
+                );
+            }
+        }
+    }
+
+    /// A probe ended without an answer (cancelled, failed to connect).
+    pub fn abandon_probe(&self, probe: Probe) {
+        self.lock()
+            .gate
+            .finish_probe(probe, ProbeOutcome::Abandoned);
+    }
+
+    /// The upstream answered 429 for a request of this bucket: nothing is sent before
+    /// `resume`; after enough consecutive 429s the circuit opens until `reset`. Its
+    /// [`Evidence`] shrinks the burst or keeps more refill in hand. Returns whether the
+    /// circuit opened.
+    pub fn rate_limited(&self, rate_limited: RateLimited) -> bool {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let opened = state
+            .gate
+            .rate_limited(rate_limited.resume, rate_limited.reset);
+        if let Some(probe) = rate_limited.probe {
+            state.gate.finish_probe(probe, ProbeOutcome::RateLimited);
+        }
+        match rate_limited.evidence {
+            Evidence::Burst(resource) => state.bucket.burst_refused(resource, now),
+            Evidence::Contention => state.bucket.contended(now),
+            Evidence::Nothing => {}
+        }
+        state.last_429 = Some(Refused {
+            at: now,
+            reason: rate_limited.reason,
+            wait: rate_limited.resume.saturating_duration_since(now),
+        });
+        if opened {
+            tracing::warn!(
+                org = %self.org,
+                model = %self.model,
+                until_ms = state
+                    .gate
+                    .blocked_until(now)
+                    .map_or(0, |until| (until - now).as_millis() as u64),
+                "circuit open: consecutive upstream 429s"
+            );
+        }
+        opened
+    }
+
+    /// A refused request starts waiting to be sent again: nothing new goes before it.
+    pub fn add_replay(&self) {
+        self.lock().gate.add_replay();
+    }
+
+    /// A refused request stopped waiting (sent, or given up).
+    pub fn remove_replay(&self) {
+        self.lock().gate.remove_replay();
+    }
+
+    /// What the status view and metrics show of this bucket; `depth` is the line's.
+    pub fn status(&self) -> BucketStatus {
+        let now = Instant::now();
+        let mut state = self.lock();
+        BucketStatus {
+            configured: state.configured,
+            learned: state.learned.limits,
+            in_force: state.limits,
+            available: PerResource {
+                requests: state.bucket.available(Resource::Requests, now),
+                tokens: state.bucket.available(Resource::Tokens, now),
+            },
+            burst: PerResource {
+                requests: state.bucket.burst(Resource::Requests),
+                tokens: state.bucket.burst(Resource::Tokens),
+            },
+            learning: state.gate.is_learning(),
+            circuit: state.gate.circuit(),
+            paused_for: state
+                .gate
+                .paused_until()
+                .map(|until| until.saturating_duration_since(now))
+                .filter(|wait| !wait.is_zero()),
+            depth: Default::default(),
+            replays: state.gate.replays(),
+            upstream: state
+                .learned
+                .last_headers(now)
+                .map(|(headers, age)| LastHeaders { headers, age }),
+            last_429: state.last_429.map(|refused| Last429 {
+                reason: refused.reason,
+                wait: refused.wait,
+                age: now.saturating_duration_since(refused.at),
+            }),
+        }
+    }
+
+    /// Units available now (negative in debt); `None` when unlimited.
+    pub fn available(&self, resource: Resource) -> Option<f64> {
+        self.lock().bucket.available(resource, Instant::now())
+    }
+
+    /// Marks the burst proven, as an answered burst probe would.
+    #[cfg(test)]
+    pub fn prove_burst(&self) {
+        self.lock().bucket.burst_proven();
+    }
+}
+
+impl State {
+    /// Forgets learned limits no response has confirmed for an hour; a bucket with nothing
+    /// configured then learns again, its next request going alone. Returns whether the limits
+    /// in force changed.
+    fn age_learned(&mut self, org: &str, model: &str, now: Instant) -> bool {
+        if !self.learned.is_stale(now) {
+            return false;
+        }
+        tracing::info!(
+            org,
+            model,
+            "learned limits unconfirmed for an hour; learning them again"
+        );
+        self.learned.forget();
+        let changed = self.apply_limits(now);
+        if self.learned.enabled && self.configured.is_empty() {
+            self.gate.relearn(now);
+        }
+        changed
+    }
+
+    /// A request is larger than a limit in force: forgets the learned limit when the
+    /// configuration would allow the request and nothing confirmed it for `interval` (see
+    /// [`Learned::doubt`]). Returns whether it did.
+    fn doubt_learned(
+        &mut self,
+        oversize: Oversize,
+        cost: Cost,
+        interval: Duration,
+        now: Instant,
+    ) -> bool {
+        if !self
+            .learned
+            .doubt(&self.configured, oversize, cost, interval, now)
+        {
+            return false;
+        }
+        self.apply_limits(now);
+        true
+    }
+
+    /// Puts the tighter of the configured and learned limits in force, keeping what was
+    /// spent. Returns whether they changed.
+    fn apply_limits(&mut self, now: Instant) -> bool {
+        let limits = self.configured.tightest(&self.learned.limits);
+        if limits == self.limits {
+            return false;
+        }
+        self.bucket.set_limits(&limits, now);
+        self.limits = limits;
+        true
+    }
+}
