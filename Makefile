@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test test-rust test-e2e test-deploy test-adversary test-soak venv demo-mock demo bench adversary soak fuzz
+.PHONY: test test-rust test-e2e test-deploy test-adversary test-soak venv demo-mock demo bench adversary soak fuzz doc
 
 ## Run every test: the Rust unit and integration tests, the SDK end-to-end tests, the
 ## deploy/ files (compose, Kubernetes, alert rules with promtool, dashboard) checked against
@@ -19,6 +19,10 @@ test-rust:
 ## The fuzz suite (tests/fuzz.rs) for 60 s per target instead of 3, one at a time (by hand).
 fuzz:
 	SLUICE_FUZZ_SECS=60 cargo nextest run --test fuzz --no-capture
+
+## The code's documentation, private items included (sluice is an application).
+doc:
+	cargo doc --no-deps --document-private-items
 
 ## The official openai SDK, in a virtualenv of its own, against the built binaries.
 test-e2e: venv

@@ -26,18 +26,18 @@ use tokio::time::Instant;
 
 /// How late after its request a FIN still counts as the request's own half-close: the FIN
 /// of a client that sends and then shuts its write side may trail the request by a segment.
-pub const HALF_CLOSE_GRACE: Duration = Duration::from_millis(50);
+pub(crate) const HALF_CLOSE_GRACE: Duration = Duration::from_millis(50);
 
 /// A client connection as hyper's I/O: the socket, shared with the requests' watches.
-pub struct ClientIo(Arc<TcpStream>);
+pub(crate) struct ClientIo(Arc<TcpStream>);
 
 impl ClientIo {
-    pub fn new(stream: TcpStream) -> Self {
+    pub(crate) fn new(stream: TcpStream) -> Self {
         Self(Arc::new(stream))
     }
 
     /// A handle for the watches of this connection's requests.
-    pub fn socket(&self) -> ClientSocket {
+    pub(crate) fn socket(&self) -> ClientSocket {
         ClientSocket(Arc::clone(&self.0))
     }
 }
@@ -114,11 +114,11 @@ impl AsyncWrite for ClientIo {
 /// The socket of the connection a request came on (HTTP/1 only: an HTTP/2 client that
 /// leaves resets its stream, and hyper cancels the request itself).
 #[derive(Clone)]
-pub struct ClientSocket(Arc<TcpStream>);
+pub(crate) struct ClientSocket(Arc<TcpStream>);
 
 impl ClientSocket {
     /// Starts watching for the client leaving, from now: the request has been read whole.
-    pub fn watch(&self) -> ClientWatch {
+    pub(crate) fn watch(&self) -> ClientWatch {
         ClientWatch {
             socket: Arc::clone(&self.0),
             since: Instant::now(),
@@ -129,7 +129,7 @@ impl ClientSocket {
 
 /// Whether a request's client has left while the request waits inside sluice (see the module
 /// documentation for how a half-close is told apart).
-pub struct ClientWatch {
+pub(crate) struct ClientWatch {
     socket: Arc<TcpStream>,
     /// When the request was read whole.
     since: Instant,
@@ -140,7 +140,7 @@ pub struct ClientWatch {
 impl ClientWatch {
     /// Resolves when the client has left; never, for a client that half-closed with its
     /// request or that may still read its answer.
-    pub async fn left(&mut self) {
+    pub(crate) async fn left(&mut self) {
         let mut byte = [0u8; 1];
         while !self.settled {
             match self.socket.peek(&mut byte).await {

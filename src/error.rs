@@ -349,7 +349,12 @@ fn rejection_message(org: &str, model: &str, rejection: &Rejection) -> String {
 }
 
 /// Builds an OpenAI-shaped JSON error response.
-pub fn error_response(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
+pub(crate) fn error_response(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: &str,
+) -> Response {
     let body = serde_json::json!({
         "error": { "message": message, "type": kind, "param": null, "code": code }
     });

@@ -20,12 +20,12 @@ use crate::priority::Priority;
 
 /// Name of the org of requests that carry no API key at all (the upstream will reject them;
 /// they are forwarded uncharged so the client sees the upstream's own 401).
-pub const ANONYMOUS: &str = "anonymous";
+pub(crate) const ANONYMOUS: &str = "anonymous";
 
 /// Whether `org` names an automatic org (`key-` plus a hash prefix of a key): one per key,
 /// so as many as the keys clients make up. Configured names never take this form (the
 /// configuration rejects them).
-pub fn is_automatic(org: &str) -> bool {
+pub(crate) fn is_automatic(org: &str) -> bool {
     org.starts_with(AUTOMATIC_PREFIX)
 }
 

@@ -35,10 +35,10 @@ impl Trigger {
 /// What the watched files hold now, for [`watch`] to start from: taken before the address is
 /// announced, so a change made right after the start is seen as one (a fingerprint taken
 /// later by the watcher task could already be of the changed files).
-pub struct Watched([u8; 32]);
+pub(crate) struct Watched([u8; 32]);
 
 impl Watched {
-    pub fn now(state: &AppState) -> Self {
+    pub(crate) fn now(state: &AppState) -> Self {
         Self(digest(&state.live().config.watched_files()))
     }
 }
@@ -47,7 +47,7 @@ impl Watched {
 /// task is dropped.
 /// Without a config file there is nothing to reload; SIGHUP is logged and otherwise ignored
 /// (rather than ending the process, its default).
-pub async fn watch(
+pub(crate) async fn watch(
     state: Arc<AppState>,
     source: Option<ConfigSource>,
     watched: Watched,
@@ -165,13 +165,13 @@ async fn sleep_or_forever(wait: Option<Duration>) {
 }
 
 /// SIGHUP, where there is such a thing; listened for from the moment this is made.
-pub struct Hangup {
+pub(crate) struct Hangup {
     #[cfg(unix)]
     signal: Option<tokio::signal::unix::Signal>,
 }
 
 impl Hangup {
-    pub fn listen() -> Self {
+    pub(crate) fn listen() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};

@@ -106,6 +106,7 @@ impl Class {
         self.reason().as_str()
     }
 
+    #[cfg(test)]
     /// Whether a later attempt of the same request can succeed.
     pub fn is_retryable(self) -> bool {
         matches!(

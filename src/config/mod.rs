@@ -27,7 +27,6 @@ mod sources;
 mod validate;
 
 pub use keys::hex_prefix;
-pub use validate::is_loopback;
 
 use raw::RawConfig;
 use sources::Sources;

@@ -543,7 +543,7 @@ where
 }
 
 /// Loopback, IPv4-mapped IPv6 loopback (`[::ffff:127.0.0.1]`) included.
-pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+pub(super) fn is_loopback(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => v4.is_loopback(),
         std::net::IpAddr::V6(v6) => v6

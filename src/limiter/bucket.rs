@@ -24,20 +24,20 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// What a bucket meters; re-exported because every limit and cost here is keyed by it.
-pub use crate::resource::Resource;
+pub(crate) use crate::resource::Resource;
 
-pub const MINUTE: Duration = Duration::from_secs(60);
-pub const DAY: Duration = Duration::from_secs(86_400);
+pub(crate) const MINUTE: Duration = Duration::from_secs(60);
+pub(crate) const DAY: Duration = Duration::from_secs(86_400);
 
 /// How long a shrunk burst stays as it is before it doubles (back up to the whole limit).
-pub const BURST_RETRY: Duration = Duration::from_secs(60);
+pub(crate) const BURST_RETRY: Duration = Duration::from_secs(60);
 /// The slice of a minute a per-minute limit may be enforced in (docs/upstream.md §1: 60 000 RPM as
 /// 1 000 per second): that much of a burst is assumed to be there without proof.
-pub const QUANTUM: Duration = Duration::from_secs(1);
+pub(crate) const QUANTUM: Duration = Duration::from_secs(1);
 /// The most refill an unexpected 429 makes a bucket keep in hand (see [`Bucket::contended`]).
-pub const MAX_CONTENTION: Duration = Duration::from_secs(5);
+pub(crate) const MAX_CONTENTION: Duration = Duration::from_secs(5);
 /// How long the extra margin of [`Bucket::contended`] holds before it halves.
-pub const CONTENTION_DECAY: Duration = Duration::from_secs(60);
+pub(crate) const CONTENTION_DECAY: Duration = Duration::from_secs(60);
 /// 429s this close together come from one overshoot and count as one piece of evidence.
 const EVIDENCE_COALESCE: Duration = Duration::from_millis(200);
 
@@ -213,7 +213,7 @@ impl Meter {
 
 /// Why a cost cannot be admitted.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Shortfall {
+pub(crate) enum Shortfall {
     /// It fits after this wait, if nothing else is taken meanwhile.
     Wait { wait: Duration, resource: Resource },
     /// It fits, but beyond the part of the burst the upstream has shown it takes at once:
@@ -226,14 +226,14 @@ pub enum Shortfall {
 
 /// The limit a cost is larger than.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Oversize {
+pub(crate) struct Oversize {
     pub resource: Resource,
     pub limit: u64,
     pub window: Duration,
 }
 
 #[derive(Clone, Debug)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     meters: Vec<Meter>,
     updated: Instant,
     /// Seconds of refill left unused (see [`Bucket::with_margin`]).
@@ -255,14 +255,14 @@ impl Bucket {
     /// it; at the start of a burst its full bucket is not refilling during that moment while
     /// sluice's already is. Keeping a fraction of a second of refill in hand keeps sluice
     /// behind the upstream rather than a few tokens ahead of it.
-    pub fn with_margin(limits: &Limits, margin: Duration, now: Instant) -> Self {
+    pub(crate) fn with_margin(limits: &Limits, margin: Duration, now: Instant) -> Self {
         let mut bucket = Self::new(limits, now);
         bucket.margin = margin.as_secs_f64();
         bucket
     }
 
     /// A full bucket with the given limits and no margin.
-    pub fn new(limits: &Limits, now: Instant) -> Self {
+    pub(crate) fn new(limits: &Limits, now: Instant) -> Self {
         let mut meters = Vec::with_capacity(4);
         for (limit, resource, window) in [
             (limits.rpm, Resource::Requests, MINUTE),
@@ -296,7 +296,7 @@ impl Bucket {
     /// a second's worth, doubling per refusal up to [`MAX_CONTENTION`]), so that client's
     /// spending no longer turns sluice's next requests into 429s; without new refusals the
     /// extra halves every [`CONTENTION_DECAY`]. The 429s of one overshoot count once.
-    pub fn contended(&mut self, now: Instant) {
+    pub(crate) fn contended(&mut self, now: Instant) {
         if self
             .contended_at
             .is_some_and(|at| now.saturating_duration_since(at) < EVIDENCE_COALESCE)
@@ -309,8 +309,9 @@ impl Bucket {
         self.contention_decays_at = Some(now + CONTENTION_DECAY);
     }
 
+    #[cfg(test)]
     /// The extra refill kept in hand for contention, in seconds.
-    pub fn contention(&self) -> f64 {
+    pub(crate) fn contention(&self) -> f64 {
         self.contention
     }
 
@@ -336,7 +337,12 @@ impl Bucket {
 
     /// Takes `cost` if every limit has room for it above `keep` (the share of each burst
     /// reserved for others, 0..1); otherwise takes nothing and says how long until it fits.
-    pub fn try_take(&mut self, cost: Cost, keep: f64, now: Instant) -> Result<(), Shortfall> {
+    pub(crate) fn try_take(
+        &mut self,
+        cost: Cost,
+        keep: f64,
+        now: Instant,
+    ) -> Result<(), Shortfall> {
         self.refill(now);
         self.check(cost, keep)?;
         let unproven = self
@@ -356,7 +362,12 @@ impl Bucket {
     /// Takes `cost` as the request that proves the burst: as [`Bucket::try_take`], but past
     /// the unproven part of the burst. Its answer settles the proof
     /// ([`Bucket::burst_proven`], or [`Bucket::burst_refused`] on a 429).
-    pub fn take_as_proof(&mut self, cost: Cost, keep: f64, now: Instant) -> Result<(), Shortfall> {
+    pub(crate) fn take_as_proof(
+        &mut self,
+        cost: Cost,
+        keep: f64,
+        now: Instant,
+    ) -> Result<(), Shortfall> {
         self.refill(now);
         self.check(cost, keep)?;
         self.take(cost);
@@ -370,22 +381,28 @@ impl Bucket {
     }
 
     /// The upstream took a request beyond the quantum at once: the whole burst is there.
-    pub fn burst_proven(&mut self) {
+    pub(crate) fn burst_proven(&mut self) {
         for meter in &mut self.meters {
             meter.proven = true;
         }
     }
 
     /// Whether every limit's burst is proven (or too small to need proof).
-    pub fn is_proven(&self) -> bool {
+    pub(crate) fn is_proven(&self) -> bool {
         self.meters
             .iter()
             .all(|meter| meter.proven || meter.burst <= meter.quantum())
     }
 
+    #[cfg(test)]
     /// How long until `cost` would fit above `keep`, if nothing else were taken: zero when it
     /// fits now.
-    pub fn wait_for(&mut self, cost: Cost, keep: f64, now: Instant) -> Result<Duration, Shortfall> {
+    pub(crate) fn wait_for(
+        &mut self,
+        cost: Cost,
+        keep: f64,
+        now: Instant,
+    ) -> Result<Duration, Shortfall> {
         self.refill(now);
         match self.check(cost, keep) {
             Ok(()) => Ok(Duration::ZERO),
@@ -420,7 +437,7 @@ impl Bucket {
     /// How long until the bucket has accumulated `cost` above `keep`, even when `cost` is
     /// larger than a burst (it is then the total of several requests taken in turn, each as
     /// the refill allows).
-    pub fn projected_wait(&mut self, cost: Cost, keep: f64, now: Instant) -> Duration {
+    pub(crate) fn projected_wait(&mut self, cost: Cost, keep: f64, now: Instant) -> Duration {
         self.refill(now);
         let seconds = self
             .meters
@@ -434,7 +451,7 @@ impl Bucket {
     }
 
     /// Whether `cost` could ever fit (is within every limit).
-    pub fn fits_ever(&self, cost: Cost) -> Result<(), Oversize> {
+    pub(crate) fn fits_ever(&self, cost: Cost) -> Result<(), Oversize> {
         for meter in &self.meters {
             if cost.of(meter.resource) > meter.capacity {
                 return Err(Oversize {
@@ -448,7 +465,7 @@ impl Bucket {
     }
 
     /// Returns units to the bucket (a refund), never above the burst.
-    pub fn give_back(&mut self, cost: Cost, now: Instant) {
+    pub(crate) fn give_back(&mut self, cost: Cost, now: Instant) {
         self.refill(now);
         for meter in &mut self.meters {
             meter.level = (meter.level + cost.of(meter.resource)).min(meter.burst);
@@ -457,7 +474,7 @@ impl Bucket {
 
     /// Takes units unconditionally: usage beyond the estimate, which the provider has already
     /// counted. The level may go negative (debt), delaying later admissions accordingly.
-    pub fn charge(&mut self, cost: Cost, now: Instant) {
+    pub(crate) fn charge(&mut self, cost: Cost, now: Instant) {
         self.refill(now);
         for meter in &mut self.meters {
             meter.level -= cost.of(meter.resource);
@@ -466,7 +483,7 @@ impl Bucket {
 
     /// Units available now per resource: the smallest level among that resource's limits
     /// (negative in debt). `None` when the resource is not limited.
-    pub fn available(&mut self, resource: Resource, now: Instant) -> Option<f64> {
+    pub(crate) fn available(&mut self, resource: Resource, now: Instant) -> Option<f64> {
         self.refill(now);
         self.meters
             .iter()
@@ -476,7 +493,7 @@ impl Bucket {
     }
 
     /// The per-minute limit of a resource, if it has one.
-    pub fn limit(&self, resource: Resource) -> Option<u64> {
+    pub(crate) fn limit(&self, resource: Resource) -> Option<u64> {
         self.meters
             .iter()
             .find(|meter| meter.resource == resource && meter.window == MINUTE)
@@ -484,7 +501,7 @@ impl Bucket {
     }
 
     /// The burst of a resource's per-minute limit (its whole capacity unless shrunk).
-    pub fn burst(&self, resource: Resource) -> Option<f64> {
+    pub(crate) fn burst(&self, resource: Resource) -> Option<f64> {
         self.meters
             .iter()
             .find(|meter| meter.resource == resource && meter.window == MINUTE)
@@ -494,7 +511,7 @@ impl Bucket {
     /// Replaces the limits in place, keeping what has been spent: a bucket that had used 100
     /// of 500 has 100 used of its new capacity too (clamped to it). A shrunk burst stays
     /// shrunk (within the new capacity).
-    pub fn set_limits(&mut self, limits: &Limits, now: Instant) {
+    pub(crate) fn set_limits(&mut self, limits: &Limits, now: Instant) {
         self.refill(now);
         let mut next = Self::new(limits, now);
         next.margin = self.margin;
@@ -521,7 +538,7 @@ impl Bucket {
     /// sent `sent_since` more units its way. Only ever lowers the level: a header is a
     /// snapshot, and a stale one must not hand out budget the upstream no longer has.
     /// Returns whether the level was lowered.
-    pub fn observe(
+    pub(crate) fn observe(
         &mut self,
         resource: Resource,
         window: Duration,
@@ -549,7 +566,7 @@ impl Bucket {
     /// Limits how much of `resource`'s per-minute limit may go at once to `burst` units (at
     /// least one unit), when the upstream shows it enforces the limit in smaller slices.
     /// Never raises the burst: it doubles back toward the limit every [`BURST_RETRY`] by itself.
-    pub fn shrink_burst(&mut self, resource: Resource, burst: f64, now: Instant) {
+    pub(crate) fn shrink_burst(&mut self, resource: Resource, burst: f64, now: Instant) {
         self.refill(now);
         for meter in &mut self.meters {
             if meter.resource == resource && meter.window == MINUTE {
@@ -569,7 +586,7 @@ impl Bucket {
     /// this bucket's, and empty now. The first time, the burst drops to one second's worth
     /// (the quantum docs/upstream.md §1 names); while the evidence continues, it halves. The level
     /// drops to zero. The 429s of one overshoot count once.
-    pub fn burst_refused(&mut self, resource: Resource, now: Instant) {
+    pub(crate) fn burst_refused(&mut self, resource: Resource, now: Instant) {
         if self
             .shrunk_at
             .is_some_and(|at| now.saturating_duration_since(at) < EVIDENCE_COALESCE)

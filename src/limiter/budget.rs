@@ -51,7 +51,7 @@ impl Ticket {
 
 /// The outcome of one admission round trip ([`Budget::take`]).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Go {
+pub(crate) enum Go {
     /// The cost is taken; the request goes, as this probe if any.
     Now(Ticket, Option<Probe>),
     /// Not before this instant.
@@ -64,7 +64,7 @@ pub enum Go {
 
 /// The outcome of asking to send a refused request again ([`Budget::take_again`]).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Again {
+pub(crate) enum Again {
     /// It goes now, as this probe if any.
     Now(Option<Probe>),
     /// Not before this instant.
@@ -128,7 +128,7 @@ struct State {
 }
 
 /// One bucket's budget, in this process's memory.
-pub struct Budget {
+pub(crate) struct Budget {
     org: Arc<str>,
     model: Arc<str>,
     bounds: Arc<QueueBounds>,
@@ -138,7 +138,7 @@ pub struct Budget {
 impl Budget {
     /// A budget with the configured `limits`; `learn` sends its first request alone while
     /// no limit is known, to learn them from the upstream's headers.
-    pub fn new(
+    pub(crate) fn new(
         org: Arc<str>,
         model: Arc<str>,
         limits: Limits,
@@ -181,7 +181,7 @@ impl Budget {
     }
 
     /// Takes `cost` if the gate and the bucket let a request of `priority` go now.
-    pub async fn take(&self, cost: Cost, priority: Priority, now: Instant) -> Go {
+    pub(crate) async fn take(&self, cost: Cost, priority: Priority, now: Instant) -> Go {
         let keep = self.keep(priority);
         let mut state = self.lock();
         let probe = match state.gate.check(false, now) {
@@ -215,7 +215,7 @@ impl Budget {
     /// Takes `again` for a refused request to be sent once more: after the pause, and
     /// before anything new (it ignores the reserve and the burst proof; limits that shrank
     /// below it do not strand it mid-replay).
-    pub async fn take_again(&self, again: Cost, now: Instant) -> Again {
+    pub(crate) async fn take_again(&self, again: Cost, now: Instant) -> Again {
         let mut state = self.lock();
         match state.gate.check(true, now) {
             Pass::Go(probe) => match state.bucket.take_as_proof(again, 0.0, now) {
@@ -233,7 +233,7 @@ impl Budget {
     /// Ends reservation `ticket` in the bucket. Returns whether budget came back (waiters
     /// may fit). A reservation is consumed by its one settle, so in memory the ticket is only
     /// carried; a shared store records it to refuse a settle it already took.
-    pub fn settle(&self, ticket: Ticket, settle: Settle) -> bool {
+    pub(crate) fn settle(&self, ticket: Ticket, settle: Settle) -> bool {
         let now = Instant::now();
         let mut state = self.lock();
         match settle {
@@ -254,7 +254,7 @@ impl Budget {
     /// first, and a learned limit the request is larger than when the configuration allows
     /// it and nothing confirmed it for `relearn_interval` (the request then goes to learn it
     /// again). `Ok(true)` when the limits in force changed (waiters may fit).
-    pub fn check_size(&self, cost: Cost, now: Instant) -> Result<bool, Oversize> {
+    pub(crate) fn check_size(&self, cost: Cost, now: Instant) -> Result<bool, Oversize> {
         let mut state = self.lock();
         let mut changed = state.age_learned(&self.org, &self.model, now);
         if let Err(never) = state.bucket.fits_ever(cost) {
@@ -277,7 +277,7 @@ impl Budget {
 
     /// The predicted wait for `cost` (a request and everything queued ahead of it), no
     /// earlier than the gate reopens.
-    pub fn projected_wait(&self, cost: Cost, priority: Priority, now: Instant) -> Duration {
+    pub(crate) fn projected_wait(&self, cost: Cost, priority: Priority, now: Instant) -> Duration {
         let keep = self.keep(priority);
         let mut state = self.lock();
         let bucket = state.bucket.projected_wait(cost, keep, now);
@@ -290,7 +290,7 @@ impl Budget {
 
     /// The resource that makes `cost` wait longest, and its limit (for naming the limit in a
     /// rejection).
-    pub fn binding_limit(
+    pub(crate) fn binding_limit(
         &self,
         cost: Cost,
         priority: Priority,
@@ -323,7 +323,7 @@ impl Budget {
     /// Replaces the configured limits (the learned ones still cap them), keeping what was
     /// spent, unless the bucket already took the limits of a newer configuration than
     /// `generation`. Returns whether the limits in force changed.
-    pub fn set_limits(&self, limits: Limits, generation: u64) -> bool {
+    pub(crate) fn set_limits(&self, limits: Limits, generation: u64) -> bool {
         let mut state = self.lock();
         if generation < state.generation {
             return false;
@@ -352,17 +352,17 @@ impl Budget {
     }
 
     /// Whether the bucket has configured limits (not only learned ones).
-    pub fn is_configured(&self) -> bool {
+    pub(crate) fn is_configured(&self) -> bool {
         !self.lock().configured.is_empty()
     }
 
     /// A request holding `cost` is being sent upstream (again, for a replay).
-    pub fn dispatched(&self, cost: Cost) -> Mark {
+    pub(crate) fn dispatched(&self, cost: Cost) -> Mark {
         self.lock().learned.dispatched(cost, Instant::now())
     }
 
     /// The send at `mark` never reached the upstream (its connection was refused).
-    pub fn undispatched(&self, mark: Mark) {
+    pub(crate) fn undispatched(&self, mark: Mark) {
         self.lock().learned.undispatched(mark);
     }
 
@@ -371,7 +371,7 @@ impl Budget {
     /// upstream's is lowered to it), lowers the levels to what the upstream had left less
     /// what was sent since, and shrinks the burst when the figures show a quantized limit.
     /// Never loosens anything. Returns whether the limits in force changed.
-    pub fn observe(&self, mark: Mark, headers: &RateLimitHeaders) -> bool {
+    pub(crate) fn observe(&self, mark: Mark, headers: &RateLimitHeaders) -> bool {
         if headers.is_empty() {
             return false;
         }
@@ -404,7 +404,7 @@ impl Budget {
 
     /// The upstream answered a request of this bucket without a rate limit (as `probe`,
     /// which then ends).
-    pub fn answered(&self, probe: Option<Probe>) {
+    pub(crate) fn answered(&self, probe: Option<Probe>) {
         let mut state = self.lock();
         state.gate.answered();
         if let Some(probe) = probe {
@@ -421,7 +421,7 @@ impl Budget {
     }
 
     /// A probe ended without an answer (cancelled, failed to connect).
-    pub fn abandon_probe(&self, probe: Probe) {
+    pub(crate) fn abandon_probe(&self, probe: Probe) {
         self.lock()
             .gate
             .finish_probe(probe, ProbeOutcome::Abandoned);
@@ -431,7 +431,7 @@ impl Budget {
     /// `resume`; after enough consecutive 429s the circuit opens until `reset`. Its
     /// [`Evidence`] shrinks the burst or keeps more refill in hand. Returns whether the
     /// circuit opened.
-    pub fn rate_limited(&self, rate_limited: RateLimited) -> bool {
+    pub(crate) fn rate_limited(&self, rate_limited: RateLimited) -> bool {
         let now = Instant::now();
         let mut state = self.lock();
         let opened = state
@@ -465,17 +465,17 @@ impl Budget {
     }
 
     /// A refused request starts waiting to be sent again: nothing new goes before it.
-    pub fn add_replay(&self) {
+    pub(crate) fn add_replay(&self) {
         self.lock().gate.add_replay();
     }
 
     /// A refused request stopped waiting (sent, or given up).
-    pub fn remove_replay(&self) {
+    pub(crate) fn remove_replay(&self) {
         self.lock().gate.remove_replay();
     }
 
     /// What the status view and metrics show of this bucket; `depth` is the line's.
-    pub fn status(&self) -> BucketStatus {
+    pub(crate) fn status(&self) -> BucketStatus {
         let now = Instant::now();
         let mut state = self.lock();
         BucketStatus {
@@ -512,13 +512,13 @@ impl Budget {
     }
 
     /// Units available now (negative in debt); `None` when unlimited.
-    pub fn available(&self, resource: Resource) -> Option<f64> {
+    pub(crate) fn available(&self, resource: Resource) -> Option<f64> {
         self.lock().bucket.available(resource, Instant::now())
     }
 
     /// Marks the burst proven, as an answered burst probe would.
     #[cfg(test)]
-    pub fn prove_burst(&self) {
+    pub(crate) fn prove_burst(&self) {
         self.lock().bucket.burst_proven();
     }
 }

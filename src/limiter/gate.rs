@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 /// What a dispatch must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pass {
+pub(crate) enum Pass {
     /// Go now; a probe tells the gate how it went ([`Gate::finish_probe`]).
     Go(Option<Probe>),
     /// Nothing may go before this instant.
@@ -34,7 +34,7 @@ pub enum Probe {
 
 /// How a probe's request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeOutcome {
+pub(crate) enum ProbeOutcome {
     /// The upstream answered without a rate limit.
     Answered,
     /// The upstream answered 429 (rate limit or slow down).
@@ -65,10 +65,10 @@ struct Learning {
 /// How long requests wait behind a learning probe before going anyway: a probe whose
 /// response takes long (a non-streaming generation) must not hold a whole burst hostage, and
 /// sluice not knowing a limit is no reason to fail a request.
-pub const LEARNING_PATIENCE: Duration = Duration::from_secs(10);
+pub(crate) const LEARNING_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
-pub struct Gate {
+pub(crate) struct Gate {
     paused_until: Option<Instant>,
     circuit: Circuit,
     consecutive_429: u32,
@@ -83,7 +83,7 @@ pub struct Gate {
 
 impl Gate {
     /// `learning`: the bucket's limits are unknown, so its first request goes alone.
-    pub fn new(learning: bool, threshold: u32, now: Instant) -> Self {
+    pub(crate) fn new(learning: bool, threshold: u32, now: Instant) -> Self {
         Self {
             paused_until: None,
             circuit: Circuit::Closed,
@@ -100,7 +100,7 @@ impl Gate {
 
     /// Whether a dispatch may go now. `replay` is a request re-sent after a 429: it passes
     /// before new requests and is not held by learning.
-    pub fn check(&mut self, replay: bool, now: Instant) -> Pass {
+    pub(crate) fn check(&mut self, replay: bool, now: Instant) -> Pass {
         if let Some(until) = self.paused_until {
             if until > now {
                 return Pass::Until(until);
@@ -136,7 +136,7 @@ impl Gate {
     }
 
     /// The dispatch `check` allowed is going now: a probe takes its slot.
-    pub fn claim(&mut self, probe: Option<Probe>, now: Instant) {
+    pub(crate) fn claim(&mut self, probe: Option<Probe>, now: Instant) {
         match probe {
             Some(Probe::Circuit) => self.circuit = Circuit::HalfOpen { probing: true },
             Some(Probe::Learning) => {
@@ -151,7 +151,7 @@ impl Gate {
     }
 
     /// A probe's request ended.
-    pub fn finish_probe(&mut self, probe: Probe, outcome: ProbeOutcome) {
+    pub(crate) fn finish_probe(&mut self, probe: Probe, outcome: ProbeOutcome) {
         match (probe, outcome) {
             (Probe::Learning, ProbeOutcome::Abandoned) => {
                 if let Some(learning) = &mut self.learning {
@@ -176,18 +176,18 @@ impl Gate {
     }
 
     /// Whether a [`Probe::Burst`] may go: none is out.
-    pub fn burst_probe_free(&self) -> bool {
+    pub(crate) fn burst_probe_free(&self) -> bool {
         !self.burst_probing
     }
 
     /// The limits are known now (learned from headers).
-    pub fn learned(&mut self) {
+    pub(crate) fn learned(&mut self) {
         self.learning = None;
     }
 
     /// The limits are unknown again (the learned ones aged out): the next request goes alone
     /// to learn them, as a new bucket's first does.
-    pub fn relearn(&mut self, now: Instant) {
+    pub(crate) fn relearn(&mut self, now: Instant) {
         self.learning = Some(Learning {
             probing: false,
             since: now,
@@ -196,19 +196,19 @@ impl Gate {
 
     /// Forgets pauses, an open circuit and the run of 429s: the configuration they were
     /// earned under was replaced.
-    pub fn clear_pause(&mut self) {
+    pub(crate) fn clear_pause(&mut self) {
         self.paused_until = None;
         self.circuit = Circuit::Closed;
         self.consecutive_429 = 0;
     }
 
     /// Whether the bucket still waits to learn its limits.
-    pub fn is_learning(&self) -> bool {
+    pub(crate) fn is_learning(&self) -> bool {
         self.learning.is_some()
     }
 
     /// The upstream answered a request without a rate limit.
-    pub fn answered(&mut self) {
+    pub(crate) fn answered(&mut self) {
         self.consecutive_429 = 0;
         if matches!(self.circuit, Circuit::HalfOpen { .. }) {
             self.circuit = Circuit::Closed;
@@ -218,7 +218,7 @@ impl Gate {
     /// The upstream answered 429: nothing goes before `resume` (its hint). After `threshold`
     /// consecutive 429s (or one during the half-open probe) the circuit opens until `reset`
     /// (the upstream's announced reset, at least `resume`). Returns whether it opened.
-    pub fn rate_limited(&mut self, resume: Instant, reset: Instant) -> bool {
+    pub(crate) fn rate_limited(&mut self, resume: Instant, reset: Instant) -> bool {
         self.paused_until = Some(self.paused_until.map_or(resume, |until| until.max(resume)));
         self.consecutive_429 = self.consecutive_429.saturating_add(1);
         let probing = matches!(self.circuit, Circuit::HalfOpen { .. });
@@ -237,7 +237,7 @@ impl Gate {
 
     /// The end of the current pause or open circuit, if either lies ahead: no dispatch
     /// happens before it.
-    pub fn blocked_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn blocked_until(&self, now: Instant) -> Option<Instant> {
         let open = match self.circuit {
             Circuit::Open { until } => Some(until),
             _ => None,
@@ -249,27 +249,28 @@ impl Gate {
             .max()
     }
 
-    pub fn circuit(&self) -> Circuit {
+    pub(crate) fn circuit(&self) -> Circuit {
         self.circuit
     }
 
-    pub fn is_open(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_open(&self) -> bool {
         !matches!(self.circuit, Circuit::Closed)
     }
 
-    pub fn paused_until(&self) -> Option<Instant> {
+    pub(crate) fn paused_until(&self) -> Option<Instant> {
         self.paused_until
     }
 
-    pub fn add_replay(&mut self) {
+    pub(crate) fn add_replay(&mut self) {
         self.replays += 1;
     }
 
-    pub fn remove_replay(&mut self) {
+    pub(crate) fn remove_replay(&mut self) {
         self.replays = self.replays.saturating_sub(1);
     }
 
-    pub fn replays(&self) -> u32 {
+    pub(crate) fn replays(&self) -> u32 {
         self.replays
     }
 }

@@ -118,7 +118,7 @@ pub(super) struct Learned {
 }
 
 impl Learned {
-    pub fn new(enabled: bool) -> Self {
+    pub(super) fn new(enabled: bool) -> Self {
         Self {
             limits: Limits::default(),
             confirmed_at: None,
@@ -129,24 +129,24 @@ impl Learned {
     }
 
     /// A request holding `cost` is being sent upstream now.
-    pub fn dispatched(&mut self, cost: Cost, now: Instant) -> Mark {
+    pub(super) fn dispatched(&mut self, cost: Cost, now: Instant) -> Mark {
         self.ledger.dispatched(cost, now)
     }
 
     /// The send at `mark` never reached the upstream.
-    pub fn undispatched(&mut self, mark: Mark) {
+    pub(super) fn undispatched(&mut self, mark: Mark) {
         self.ledger.undispatched(mark);
     }
 
     /// Whether learned limits stood for [`LEARNED_TTL`] without a response confirming them.
-    pub fn is_stale(&self, now: Instant) -> bool {
+    pub(super) fn is_stale(&self, now: Instant) -> bool {
         !self.limits.is_empty()
             && self
                 .confirmed_at
                 .is_some_and(|at| now.saturating_duration_since(at) > LEARNED_TTL)
     }
 
-    pub fn forget(&mut self) {
+    pub(super) fn forget(&mut self) {
         self.limits = Limits::default();
         self.confirmed_at = None;
     }
@@ -158,7 +158,7 @@ impl Learned {
     /// (`x-ratelimit-limit-tokens: 1`) thus refuses a bucket's requests for at most
     /// `interval`, and a real limit costs one refused request per `interval`. Returns whether
     /// it was forgotten.
-    pub fn doubt(
+    pub(super) fn doubt(
         &mut self,
         configured: &Limits,
         oversize: Oversize,
@@ -187,7 +187,7 @@ impl Learned {
 
     /// Takes in the limits a response's headers announce (`views`, read from `headers`).
     /// Returns the learned limits when they changed.
-    pub fn learn(
+    pub(super) fn learn(
         &mut self,
         headers: &RateLimitHeaders,
         views: &[(Resource, View)],
@@ -211,7 +211,7 @@ impl Learned {
     /// Lowers `bucket`'s levels to what the upstream had left when it admitted the send at
     /// `mark` less what was sent since, and shrinks its burst when the figures show a
     /// quantized limit.
-    pub fn correct(
+    pub(super) fn correct(
         &mut self,
         mark: Mark,
         views: &[(Resource, View)],
@@ -242,7 +242,7 @@ impl Learned {
     }
 
     /// The upstream's last rate-limit headers, and how long ago they came.
-    pub fn last_headers(&self, now: Instant) -> Option<(RateLimitHeaders, Duration)> {
+    pub(super) fn last_headers(&self, now: Instant) -> Option<(RateLimitHeaders, Duration)> {
         self.upstream
             .as_ref()
             .map(|(headers, at)| (headers.clone(), now.saturating_duration_since(*at)))

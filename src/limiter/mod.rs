@@ -10,13 +10,13 @@
 //! gone, rejected, failed before sending).
 
 mod bounds;
-pub mod bucket;
-pub mod budget;
-pub mod gate;
+pub(crate) mod bucket;
+pub(crate) mod budget;
+pub(crate) mod gate;
 mod learn;
-pub mod queue;
+pub(crate) mod queue;
 mod reservation;
-pub mod status;
+pub(crate) mod status;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +30,7 @@ use crate::priority::Priority;
 use bounds::QueueBounds;
 use bucket::{Cost, Limits};
 use queue::{BucketQueue, Rejection};
-pub use reservation::{settlement, Charged, Reservation};
+pub(crate) use reservation::{Charged, Reservation};
 
 /// How often at most a full bucket table is logged: a flood of made-up names hits the cap
 /// on every request, and one line per request would be a flood of its own.

@@ -183,7 +183,7 @@ pub struct Charged {
 /// `Reserved` (OpenAI): the provider keeps a capped output charged whatever was generated, so
 /// only the prompt estimate is corrected, in both directions. An uncapped output was sluice's
 /// guess and is trued up. `Actual`: everything is trued up to the usage.
-pub fn settlement(
+pub(crate) fn settlement(
     charged: Charged,
     prompt_tokens: u64,
     completion_tokens: u64,

@@ -67,7 +67,7 @@ pub struct Last429 {
 /// limited (or, read from another version, unknown).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct ResourceFigures {
+pub(crate) struct ResourceFigures {
     #[serde(deserialize_with = "lenient")]
     pub requests: Option<f64>,
     #[serde(deserialize_with = "lenient")]
@@ -84,7 +84,7 @@ impl From<PerResource<Option<f64>>> for ResourceFigures {
 /// The whole `/status` document.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct StatusDocument {
+pub(crate) struct StatusDocument {
     /// The server's version.
     #[serde(deserialize_with = "lenient")]
     pub version: Option<String>,
@@ -104,7 +104,7 @@ pub struct StatusDocument {
 impl StatusDocument {
     /// Reads a document of any version: whatever is missing or mistyped is left out (a value
     /// that is not a document at all reads as an empty one).
-    pub fn read(value: &serde_json::Value) -> Self {
+    pub(crate) fn read(value: &serde_json::Value) -> Self {
         Self::deserialize(value).unwrap_or_default()
     }
 }
@@ -112,7 +112,7 @@ impl StatusDocument {
 /// An org in quota cool-down (see [`crate::quota`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct QuotaCooldown {
+pub(crate) struct QuotaCooldown {
     #[serde(deserialize_with = "lenient")]
     pub org: Option<String>,
     #[serde(deserialize_with = "lenient")]
@@ -122,7 +122,7 @@ pub struct QuotaCooldown {
 /// One (org, model) bucket.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct BucketReport {
+pub(crate) struct BucketReport {
     #[serde(deserialize_with = "lenient")]
     pub org: Option<String>,
     #[serde(deserialize_with = "lenient")]
@@ -149,7 +149,7 @@ pub struct BucketReport {
 }
 
 impl BucketReport {
-    pub fn new(org: &str, model: &str, status: &BucketStatus) -> Self {
+    pub(crate) fn new(org: &str, model: &str, status: &BucketStatus) -> Self {
         Self {
             org: Some(org.to_owned()),
             model: Some(model.to_owned()),
@@ -180,7 +180,7 @@ impl BucketReport {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct LimitsReport {
+pub(crate) struct LimitsReport {
     #[serde(deserialize_with = "lenient")]
     pub configured: LimitFigures,
     #[serde(deserialize_with = "lenient")]
@@ -193,7 +193,7 @@ pub struct LimitsReport {
 /// version, unknown).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct LimitFigures {
+pub(crate) struct LimitFigures {
     #[serde(deserialize_with = "lenient")]
     pub rpm: Option<u64>,
     #[serde(deserialize_with = "lenient")]
@@ -214,7 +214,7 @@ impl From<Limits> for LimitFigures {
 /// A bucket's circuit, without its timings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CircuitState {
+pub(crate) enum CircuitState {
     Closed,
     Open,
     HalfOpen,
@@ -222,7 +222,7 @@ pub enum CircuitState {
 
 impl CircuitState {
     /// Its name in the document.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Closed => "closed",
             Self::Open => "open",
@@ -244,7 +244,7 @@ impl From<Circuit> for CircuitState {
 /// Requests waiting in a bucket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct QueueReport {
+pub(crate) struct QueueReport {
     #[serde(deserialize_with = "lenient")]
     pub interactive: Option<u64>,
     #[serde(deserialize_with = "lenient")]
@@ -258,7 +258,7 @@ pub struct QueueReport {
 /// label ([`Family::label`]), beside `age_secs`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct UpstreamReport {
+pub(crate) struct UpstreamReport {
     /// How long ago the headers came.
     #[serde(deserialize_with = "lenient")]
     pub age_secs: Option<f64>,
@@ -289,7 +289,7 @@ impl UpstreamReport {
     }
 
     /// One family's window, if the upstream sent it.
-    pub fn family(&self, family: Family) -> Option<&WindowReport> {
+    pub(crate) fn family(&self, family: Family) -> Option<&WindowReport> {
         self.families.get(family.label())
     }
 }
@@ -297,7 +297,7 @@ impl UpstreamReport {
 /// One `x-ratelimit-*` family as the upstream last sent it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct WindowReport {
+pub(crate) struct WindowReport {
     #[serde(deserialize_with = "lenient")]
     pub limit: Option<u64>,
     #[serde(deserialize_with = "lenient")]
@@ -309,7 +309,7 @@ pub struct WindowReport {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Last429Report {
+pub(crate) struct Last429Report {
     /// [`Reason::as_str`]: `requests`, `tokens`, `slow_down`, ...
     #[serde(deserialize_with = "lenient")]
     pub reason: Option<String>,

@@ -220,7 +220,7 @@ pub(super) async fn unless_left<T>(
 /// The latest moment a request may still be admitted: the smallest of sluice's maximum
 /// wait, the request's own `x-sluice-max-wait`, and the client's own timeout (as the
 /// official SDKs announce it) less a margin.
-pub fn deadline(headers: &HeaderMap, queue: &QueueConfig, now: Instant) -> Instant {
+pub(crate) fn deadline(headers: &HeaderMap, queue: &QueueConfig, now: Instant) -> Instant {
     let mut wait = queue.max_wait;
     if let Some(requested) = header_seconds(headers, "x-sluice-max-wait") {
         wait = wait.min(requested);

@@ -32,13 +32,13 @@ use crate::state::{AppState, Live};
 use crate::upstream::body::{BodyEnd, BodyOutcome};
 use crate::upstream::request_headers;
 
-pub use admission::deadline;
+pub(crate) use admission::deadline;
 use admission::{Admission, Metered, RequestBody};
 use exchange::{Answer, Exchange};
 use relay::relay;
 
 /// Handles every request the server has no other route for.
-pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
+pub(crate) async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (request, endpoint) = match route(request) {
         Ok(routed) => routed,
         Err((request, err)) => {

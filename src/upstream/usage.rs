@@ -25,6 +25,7 @@ pub struct Usage {
 }
 
 impl Usage {
+    #[cfg(test)]
     /// Prompt plus completion tokens, saturating rather than wrapping on absurd counts.
     pub fn total(&self) -> u64 {
         self.prompt_tokens.saturating_add(self.completion_tokens)
