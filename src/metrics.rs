@@ -23,7 +23,7 @@ use crate::limiter::bucket::Resource;
 use crate::limiter::gate::Circuit;
 use crate::limiter::queue::BucketQueue;
 use crate::limiter::BucketCounts;
-use crate::priority::ByPriority;
+use crate::priority::Priority;
 
 /// Buckets from 1 ms to 10 min: upstream calls range from cached embeddings to long
 /// reasoning-model streams, and queue waits up to the longest deadline.
@@ -614,13 +614,11 @@ impl Metrics {
             self.circuit_open
                 .with_label_values(&[org, model])
                 .set(i64::from(open));
-            let ByPriority { interactive, batch } = status.depth;
-            self.queue_depth
-                .with_label_values(&[org, model, "interactive"])
-                .set(interactive as i64);
-            self.queue_depth
-                .with_label_values(&[org, model, "batch"])
-                .set(batch as i64);
+            for priority in Priority::ALL {
+                self.queue_depth
+                    .with_label_values(&[org, model, priority.label()])
+                    .set(status.depth[priority] as i64);
+            }
         }
     }
 }
