@@ -2,19 +2,23 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test test-rust test-e2e test-deploy test-adversary test-soak venv demo-mock demo bench adversary soak fuzz doc
+.PHONY: need-redis test test-rust test-e2e test-deploy test-adversary test-soak venv demo-mock demo bench adversary soak fuzz doc
 
 ## Run every test: the Rust unit and integration tests, the SDK end-to-end tests, the
 ## deploy/ files (compose, Kubernetes, alert rules with promtool, dashboard) checked against
 ## the binary, the adversarial clients, and the 2-minute soak.
 test: test-rust test-e2e test-deploy test-adversary test-soak
 
-test-rust:
+## tests/shared.rs and the shared store's unit tests start their own redis-server.
+test-rust: need-redis
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --no-fail-fast; \
 	else \
 		cargo test --workspace --no-fail-fast; \
 	fi
+
+need-redis:
+	@command -v redis-server >/dev/null 2>&1 || { echo "make test needs redis-server: apt-get install redis-server (.ci/run installs it)"; exit 1; }
 
 ## The fuzz suite (tests/fuzz.rs) for 60 s per target instead of 3, one at a time (by hand).
 fuzz:

@@ -102,6 +102,10 @@ impl ProxyError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            Self::Rejected {
+                rejection: Rejection::StoreDown,
+                ..
+            } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Rejected { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -129,6 +133,7 @@ impl ProxyError {
                 // The code OpenAI uses, so clients treat it as the rate limit it is.
                 Rejection::Deadline { .. } => "rate_limit_exceeded",
                 Rejection::QueueFull { .. } => "queue_full",
+                Rejection::StoreDown => "shared_store_unavailable",
             },
         }
     }
@@ -142,6 +147,7 @@ impl ProxyError {
                 Rejection::Deadline { wait, .. } | Rejection::QueueFull { wait, .. } => {
                     Some((*wait).max(Duration::from_millis(1)))
                 }
+                Rejection::StoreDown => Some(Duration::from_secs(1)),
             },
             _ => None,
         }
@@ -174,6 +180,7 @@ impl ProxyError {
                     resource.label()
                 }
                 Rejection::QueueFull { .. } => Resource::Requests.label(),
+                Rejection::StoreDown => "server_error",
             };
         }
         match self.fault() {
@@ -344,6 +351,13 @@ fn rejection_message(org: &str, model: &str, rejection: &Rejection) -> String {
              waiting). Please try again in {:.1}s, or raise queue.max_depth_per_bucket / \
              queue.max_depth in sluice's config.",
             wait.as_secs_f64()
+        ),
+        Rejection::StoreDown => format!(
+            "sluice cannot reach the shared store (Redis) that holds the budget of {model} in \
+             organization {org}, and is set to refuse requests while it cannot \
+             (shared.on_store_error = \"fail_closed\"). Please try again in 1s; operators: \
+             check that Redis answers at shared.redis_url, or set on_store_error = \"degrade\" \
+             to admit each replica's share meanwhile."
         ),
     }
 }

@@ -50,6 +50,10 @@ struct Cli {
     /// Log format [default: pretty].
     #[arg(long, value_enum, env = "SLUICE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// Share limits with other replicas through this Redis (redis://host:6379/0, or
+    /// rediss:// for TLS) [default: none, limits are this process's own].
+    #[arg(long, env = "SLUICE_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
         allow_unauthenticated: cli.allow_unauthenticated,
         upstream: cli.upstream.clone(),
         log_format: cli.log_format,
+        redis_url: cli.redis_url.clone(),
     };
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Config::load(file, &overrides) {

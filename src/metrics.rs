@@ -552,6 +552,11 @@ impl Metrics {
         String::from_utf8(buffer).unwrap_or_default()
     }
 
+    /// The registry, for metrics defined beside their owner (the shared store's).
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Counts a reload's outcome.
     pub fn reloaded(&self, ok: bool) {
         self.config_reloads

@@ -11,6 +11,7 @@ use crate::body_budget::BodyBudget;
 use crate::config::Config;
 use crate::estimate::{OutputDefaults, Tokenizers};
 use crate::limiter::bucket::Limits;
+use crate::limiter::store::Store;
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::org::Orgs;
@@ -94,10 +95,20 @@ impl AppState {
     pub fn new(config: Config) -> Result<Self, StartError> {
         let upstream = Upstream::new(&config.upstream, config.server.workers)
             .map_err(StartError::UpstreamClient)?;
+        let metrics = Arc::new(Metrics::new());
+        let store = match &config.shared {
+            Some(shared) => {
+                let store =
+                    Store::new(shared, metrics.registry()).map_err(StartError::SharedStore)?;
+                store.start();
+                Some(store)
+            }
+            None => None,
+        };
         Ok(Self {
             upstream,
-            metrics: Arc::new(Metrics::new()),
-            limiter: Limiter::new(&config.queue, config.retry.circuit_threshold),
+            metrics,
+            limiter: Limiter::new(&config.queue, config.retry.circuit_threshold, store),
             exhausted: Exhausted::default(),
             retry_budget: RetryBudget::new(
                 config.retry.budget_ratio,
@@ -180,4 +191,6 @@ pub enum StartError {
     Bind(std::net::SocketAddr, std::io::Error),
     #[error("could not load the tokenizer tables: {0}")]
     Tokenizers(String),
+    #[error("could not set up the shared store: {0}")]
+    SharedStore(String),
 }

@@ -49,6 +49,8 @@ pub struct Config {
     pub retry: RetryConfig,
     pub estimate: EstimateConfig,
     pub orgs: Vec<OrgConfig>,
+    /// Limits shared with other replicas through Redis; `None`: this process's own.
+    pub shared: Option<SharedConfig>,
     /// Where the configuration came from, to reload it; `None` without a config file.
     pub source: Option<ConfigSource>,
 }
@@ -58,6 +60,54 @@ pub struct Config {
 pub struct ConfigSource {
     pub path: PathBuf,
     pub overrides: Overrides,
+}
+
+/// The shared store (`[shared]`): where replicas keep the budgets they share.
+#[derive(Clone, PartialEq)]
+pub struct SharedConfig {
+    /// `redis://` or `rediss://` (TLS), with a password if any: never logged whole.
+    pub redis_url: String,
+    /// Prepended to every key, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// The longest a store call may take before it counts as failed.
+    pub store_timeout: Duration,
+    pub on_store_error: OnStoreError,
+}
+
+impl fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("redis_url", &redacted_url(&self.redis_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("store_timeout", &self.store_timeout)
+            .field("on_store_error", &self.on_store_error)
+            .finish()
+    }
+}
+
+/// A URL with its password (and user) replaced by `***`, for logs and errors.
+pub fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
+            let _ = parsed.set_password(None);
+            let _ = parsed.set_username("***");
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "(an unreadable URL)".to_owned(),
+    }
+}
+
+/// What a replica does while the shared store cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Admit from a local bucket holding this replica's share of each limit (the limit
+    /// divided by the replicas last seen alive), never the whole limit.
+    #[default]
+    Degrade,
+    /// Refuse metered requests with a 503 until the store answers.
+    FailClosed,
 }
 
 /// What sluice does with the upstream's 429s and failures.
@@ -225,6 +275,8 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     pub upstream: Option<String>,
     pub log_format: Option<LogFormat>,
+    /// `--redis-url` / `SLUICE_REDIS_URL`: turns the shared store on.
+    pub redis_url: Option<String>,
 }
 
 /// One problem with the configuration, named by the key path it concerns.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{Accounting, ConfigIssue, LogFormat};
+use super::{Accounting, ConfigIssue, LogFormat, OnStoreError};
 use crate::priority::Priority;
 
 #[derive(Debug, Default, Deserialize)]
@@ -28,6 +28,17 @@ pub(super) struct RawConfig {
     pub(super) estimate: RawEstimate,
     #[serde(default)]
     pub(super) org: Vec<RawOrg>,
+    #[serde(default)]
+    pub(super) shared: RawShared,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShared {
+    pub(super) redis_url: Option<String>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) store_timeout_secs: Option<f64>,
+    pub(super) on_store_error: Option<OnStoreError>,
 }
 
 #[derive(Debug, Default, Deserialize)]

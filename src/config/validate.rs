@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use super::issues::Issues;
 use super::orgs::validate_orgs;
-use super::raw::{RawConfig, RawEstimate, RawQueue, RawRetry, RawServer, RawUpstream};
+use super::raw::{RawConfig, RawEstimate, RawQueue, RawRetry, RawServer, RawShared, RawUpstream};
 use super::sources::Sources;
 use super::{
     Config, ConfigError, EstimateConfig, Overrides, QueueConfig, RetryConfig, ServerConfig,
-    UpstreamConfig, DEFAULT_LISTEN, DEFAULT_UPSTREAM,
+    SharedConfig, UpstreamConfig, DEFAULT_LISTEN, DEFAULT_UPSTREAM,
 };
 
 const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 5.0;
@@ -79,6 +79,11 @@ const DEFAULT_BACKOFF_MAX_SECS: f64 = 8.0;
 /// Quota errors do not clear by themselves; a minute spares the upstream a call per request
 /// while someone fixes billing, and a fixed org is back soon after.
 const DEFAULT_QUOTA_COOLDOWN_SECS: f64 = 60.0;
+/// Every shared-store key starts with this.
+const DEFAULT_KEY_PREFIX: &str = "sluice:";
+/// A store call slower than this counts as failed: a Redis in the same zone answers in well
+/// under a millisecond, and an outage must not add more than this to a request.
+const DEFAULT_STORE_TIMEOUT_SECS: f64 = 0.02;
 
 pub(super) fn validate(
     raw: RawConfig,
@@ -96,6 +101,7 @@ pub(super) fn validate(
     let estimate = validate_estimate(raw.estimate, &mut issues);
     let retry = validate_retry(&raw.retry, &mut issues);
     let orgs = validate_orgs(raw.org, sources, &mut issues);
+    let shared = validate_shared(&raw.shared, overrides, &mut issues);
     let require_client_tokens = orgs.iter().any(|org| !org.client_token_hashes.is_empty());
     let allow_unauthenticated = overrides
         .allow_unauthenticated
@@ -116,6 +122,7 @@ pub(super) fn validate(
         retry,
         estimate,
         orgs,
+        shared,
         source: None,
     })
 }
@@ -461,6 +468,79 @@ fn validate_estimate(raw: RawEstimate, issues: &mut Issues) -> EstimateConfig {
     }
 }
 
+/// `[shared]`: on when a Redis URL is given (the flag or environment wins over the file).
+fn validate_shared(
+    raw: &RawShared,
+    overrides: &Overrides,
+    issues: &mut Issues,
+) -> Option<SharedConfig> {
+    let (url, key) = match (&overrides.redis_url, &raw.redis_url) {
+        (Some(url), _) => (
+            url,
+            "shared.redis_url (from --redis-url / SLUICE_REDIS_URL)",
+        ),
+        (None, Some(url)) => (url, "shared.redis_url"),
+        (None, None) => {
+            if raw.key_prefix.is_some()
+                || raw.store_timeout_secs.is_some()
+                || raw.on_store_error.is_some()
+            {
+                issues.add(
+                    "shared",
+                    "settings without a redis_url do nothing: set shared.redis_url (or                      SLUICE_REDIS_URL) to share limits, or remove the [shared] section"
+                        .to_owned(),
+                );
+            }
+            return None;
+        }
+    };
+    if url.trim().is_empty() {
+        // An empty SLUICE_REDIS_URL reads as "not set", as an empty variable usually does.
+        return None;
+    }
+    match url::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "redis" | "rediss") && parsed.has_host() => {}
+        _ => issues.add(
+            key,
+            format!(
+                "{} is not a Redis URL: use redis://host:6379/0 (or rediss:// for TLS)",
+                super::redacted_url(url)
+            ),
+        ),
+    }
+    let key_prefix = raw
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
+    if key_prefix.contains(['{', '}']) {
+        issues.add(
+            "shared.key_prefix",
+            format!("{key_prefix:?} holds a brace: sluice puts each bucket's name in braces (a Redis Cluster hash tag), so the prefix may not"),
+        );
+    }
+    let store_timeout = seconds(
+        issues,
+        "shared.store_timeout_secs",
+        raw.store_timeout_secs,
+        DEFAULT_STORE_TIMEOUT_SECS,
+    );
+    if store_timeout > Duration::from_secs(5) {
+        issues.add(
+            "shared.store_timeout_secs",
+            format!(
+                "{} s is out of range: use a small positive figure (the default, {DEFAULT_STORE_TIMEOUT_SECS} s, suits a store in the same zone) of at most 5 s",
+                store_timeout.as_secs_f64()
+            ),
+        );
+    }
+    Some(SharedConfig {
+        redis_url: url.clone(),
+        key_prefix,
+        store_timeout,
+        on_store_error: raw.on_store_error.unwrap_or_default(),
+    })
+}
+
 fn validate_retry(raw: &RawRetry, issues: &mut Issues) -> RetryConfig {
     let max_attempts = raw.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
     if !(1..=20).contains(&max_attempts) {
@@ -559,6 +639,53 @@ mod tests {
     use super::{is_loopback, validate_upstream_url};
     use crate::config::testing::{keys, parse};
     use crate::config::{Config, LogFormat, Overrides};
+
+    #[test]
+    fn the_shared_store_is_off_by_default_and_on_with_a_redis_url() {
+        assert_eq!(parse("").expect("valid").shared, None);
+        let shared = parse("[shared]\nredis_url = \"redis://:secret@redis:6379/0\"\n")
+            .expect("valid")
+            .shared
+            .expect("on");
+        assert_eq!(shared.key_prefix, "sluice:");
+        assert_eq!(shared.store_timeout, Duration::from_millis(20));
+        assert_eq!(shared.on_store_error, crate::config::OnStoreError::Degrade);
+        // The password never shows, not even in a Debug print of the config.
+        assert!(!format!("{shared:?}").contains("secret"), "{shared:?}");
+        let flag = Overrides {
+            redis_url: Some("rediss://cache:6380".to_owned()),
+            ..Overrides::default()
+        };
+        let from_flag = Config::parse("", "test.toml", &flag).expect("valid");
+        assert_eq!(
+            from_flag.shared.map(|shared| shared.redis_url),
+            Some("rediss://cache:6380".to_owned())
+        );
+    }
+
+    #[test]
+    fn shared_store_mistakes_are_named() {
+        let err = parse(
+            "[shared]\nredis_url = \"http://user:secret@redis\"\nkey_prefix = \"a{b\"\n\
+             store_timeout_secs = 9\non_store_error = \"fail_closed\"\n",
+        )
+        .expect_err("three mistakes");
+        let issues = err.issues.clone();
+        assert_eq!(
+            keys(err),
+            [
+                "shared.redis_url",
+                "shared.key_prefix",
+                "shared.store_timeout_secs"
+            ]
+        );
+        assert!(
+            !issues.iter().any(|issue| issue.message.contains("secret")),
+            "{issues:?}"
+        );
+        let orphan = parse("[shared]\non_store_error = \"fail_closed\"\n").expect_err("no url");
+        assert_eq!(keys(orphan), ["shared"]);
+    }
 
     #[test]
     fn config_watch_defaults_to_two_seconds_and_zero_turns_it_off() {

@@ -9,7 +9,7 @@ use crate::config::QueueConfig;
 /// The queue-wide bounds, shared by every bucket. The depths and the reserve change in place
 /// on a config reload; the margin and the circuit threshold are fixed when a bucket is made.
 #[derive(Debug)]
-pub struct QueueBounds {
+pub(crate) struct QueueBounds {
     pub(super) max_depth: AtomicUsize,
     pub(super) max_depth_per_bucket: AtomicUsize,
     /// An `f64`, as its bits.
@@ -25,7 +25,7 @@ pub struct QueueBounds {
 }
 
 impl QueueBounds {
-    pub fn new(config: &QueueConfig, circuit_threshold: u32) -> Self {
+    pub(crate) fn new(config: &QueueConfig, circuit_threshold: u32) -> Self {
         Self {
             max_depth: AtomicUsize::new(config.max_depth),
             max_depth_per_bucket: AtomicUsize::new(config.max_depth_per_bucket),
@@ -39,7 +39,7 @@ impl QueueBounds {
 
     /// Takes a reloaded config's depths and reserve. Requests already queued stay queued,
     /// even past a lowered depth; the bound applies to new arrivals.
-    pub fn update(&self, config: &QueueConfig) {
+    pub(crate) fn update(&self, config: &QueueConfig) {
         self.max_depth.store(config.max_depth, Ordering::Relaxed);
         self.max_depth_per_bucket
             .store(config.max_depth_per_bucket, Ordering::Relaxed);

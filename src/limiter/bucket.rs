@@ -71,6 +71,19 @@ impl Limits {
         }
     }
 
+    /// One replica's share of these limits among `replicas` (rounded down, at least 1):
+    /// what it may spend alone while the shared store is out of reach.
+    pub fn share(&self, replicas: usize) -> Limits {
+        let replicas = replicas.max(1) as u64;
+        let part = |limit: Option<u64>| limit.map(|limit| (limit / replicas).max(1));
+        Limits {
+            rpm: part(self.rpm),
+            tpm: part(self.tpm),
+            rpd: part(self.rpd),
+            tpd: part(self.tpd),
+        }
+    }
+
     /// The limit of `resource` over `window` (a minute or a day).
     pub fn get(&self, resource: Resource, window: Duration) -> Option<u64> {
         match (resource, window == DAY) {
@@ -211,6 +224,17 @@ impl Meter {
     }
 }
 
+/// One limit of a bucket as a shared store keeps it (see [`super::store`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct MeterSpec {
+    pub resource: Resource,
+    pub window: Duration,
+    pub capacity: f64,
+    pub burst: f64,
+    /// Whether only a [`QUANTUM`]'s worth may go at once until a request proves the rest.
+    pub unproven: bool,
+}
+
 /// Why a cost cannot be admitted.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Shortfall {
@@ -285,9 +309,32 @@ impl Bucket {
         }
     }
 
+    /// Its limits as a shared store keeps them: capacity, burst and whether it is proven.
+    pub(crate) fn specs(&self) -> Vec<MeterSpec> {
+        self.meters
+            .iter()
+            .map(|meter| MeterSpec {
+                resource: meter.resource,
+                window: meter.window,
+                capacity: meter.capacity,
+                burst: meter.burst,
+                unproven: !meter.proven && meter.burst > meter.quantum(),
+            })
+            .collect()
+    }
+
+    /// Takes the levels a shared store reported (in the order of [`Bucket::specs`]), so
+    /// predictions and the status view read the shared state.
+    pub(crate) fn mirror(&mut self, levels: &[f64], now: Instant) {
+        self.refill(now);
+        for (meter, level) in self.meters.iter_mut().zip(levels) {
+            meter.level = level.clamp(-meter.capacity, meter.burst);
+        }
+    }
+
     /// Seconds of refill every admission leaves unused: the margin, plus what contention
     /// added.
-    fn in_hand(&self) -> f64 {
+    pub(crate) fn in_hand(&self) -> f64 {
         self.margin + self.contention
     }
 

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::limiter::bucket::{Bucket, Cost, Limits, Oversize, Shortfall};
+use crate::limiter::bucket::{Bucket, Cost, Limits, MeterSpec, Oversize, Shortfall};
 use crate::limiter::gate::{Gate, Pass, Probe, ProbeOutcome};
 use crate::priority::Priority;
 use crate::resource::{PerResource, Resource};
@@ -35,17 +35,29 @@ use crate::upstream::ratelimit::{RateLimitHeaders, Reason};
 use super::bounds::QueueBounds;
 use super::learn::{views, warn_if_above_upstream, Learned, Mark};
 use super::status::{BucketStatus, Last429, LastHeaders};
+use super::store::{Admission, Mode, Store, StoreError};
+use crate::config::OnStoreError;
+
+/// How soon a replay asks again when the shared store failed it.
+const STORE_RETRY: Duration = Duration::from_millis(100);
 
 /// Hands out reservation ids; unique within the process.
 static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
 
 /// The id of one admission's reservation: what its settlement is recorded under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Ticket(u64);
+pub struct Ticket {
+    id: u64,
+    /// Taken from the shared store (not from this replica's degraded share).
+    shared: bool,
+}
 
 impl Ticket {
-    fn next() -> Self {
-        Self(NEXT_TICKET.fetch_add(1, Ordering::Relaxed))
+    fn next(shared: bool) -> Self {
+        Self {
+            id: NEXT_TICKET.fetch_add(1, Ordering::Relaxed),
+            shared,
+        }
     }
 }
 
@@ -60,6 +72,8 @@ pub(crate) enum Go {
     Hold,
     /// Never: it is larger than a limit.
     Never(Oversize),
+    /// The shared store cannot be reached and the configuration says to refuse meanwhile.
+    Unavailable,
 }
 
 /// The outcome of asking to send a refused request again ([`Budget::take_again`]).
@@ -125,13 +139,24 @@ struct State {
     learned: Learned,
     gate: Gate,
     last_429: Option<Refused>,
+    /// While the shared store is out of reach: this replica's share of the limits, and the
+    /// number of replicas it was divided by.
+    degraded: Option<(Bucket, usize)>,
 }
 
-/// One bucket's budget, in this process's memory.
+/// Where a shared bucket lives in the store.
+struct Shared {
+    store: Arc<Store>,
+    key: String,
+}
+
+/// One bucket's budget: in this process's memory, or, with a shared store, its levels and
+/// pause in the store (mirrored here for predictions and the status view).
 pub(crate) struct Budget {
     org: Arc<str>,
     model: Arc<str>,
     bounds: Arc<QueueBounds>,
+    shared: Option<Shared>,
     state: Mutex<State>,
 }
 
@@ -144,14 +169,20 @@ impl Budget {
         limits: Limits,
         learn: bool,
         bounds: Arc<QueueBounds>,
+        store: Option<Arc<Store>>,
     ) -> Self {
         let now = Instant::now();
         let bucket = Bucket::with_margin(&limits, bounds.refill_margin, now);
         let gate = Gate::new(learn && limits.is_empty(), bounds.circuit_threshold, now);
+        let shared = store.map(|store| Shared {
+            key: store.bucket_key(&org, &model),
+            store,
+        });
         Self {
             org,
             model,
             bounds,
+            shared,
             state: Mutex::new(State {
                 bucket,
                 limits,
@@ -160,6 +191,7 @@ impl Budget {
                 learned: Learned::new(learn),
                 gate,
                 last_429: None,
+                degraded: None,
             }),
         }
     }
@@ -180,35 +212,133 @@ impl Budget {
         }
     }
 
-    /// Takes `cost` if the gate and the bucket let a request of `priority` go now.
+    /// Takes `cost` if the gate and the bucket let a request of `priority` go now: from the
+    /// shared store when there is one (one round trip, two for the burst's proof), else
+    /// from this process's bucket.
     pub(crate) async fn take(&self, cost: Cost, priority: Priority, now: Instant) -> Go {
         let keep = self.keep(priority);
-        let mut state = self.lock();
-        let probe = match state.gate.check(false, now) {
-            Pass::Go(probe) => probe,
-            Pass::Until(until) => return Go::At(until),
-            Pass::Hold => return Go::Hold,
+        let (shared, probe, specs, in_hand) = {
+            let mut state = self.lock();
+            let probe = match state.gate.check(false, now) {
+                Pass::Go(probe) => probe,
+                Pass::Until(until) => return Go::At(until),
+                Pass::Hold => return Go::Hold,
+            };
+            let specs = state.bucket.specs();
+            let shared = match &self.shared {
+                // Nothing to share without limits (a bucket still learning them).
+                Some(shared) if !specs.is_empty() => shared,
+                _ => {
+                    let State { bucket, gate, .. } = &mut *state;
+                    return take_from(bucket, gate, probe, cost, keep, now, false);
+                }
+            };
+            if let Err(never) = state.bucket.fits_ever(cost) {
+                return Go::Never(never);
+            }
+            if !shared.store.is_up() {
+                return self.take_degraded(&mut state, shared, probe, cost, keep, now);
+            }
+            // Claimed before the round trip, so no other request takes the same probe
+            // meanwhile; given back if the store refuses.
+            state.gate.claim(probe, now);
+            (shared, probe, specs, state.bucket.in_hand())
         };
-        let taken = match state.bucket.try_take(cost, keep, now) {
-            Ok(()) => Ok(probe),
+        let store = &shared.store;
+        let mut proof = None;
+        let mut answer = store
+            .admit(&shared.key, cost, keep, in_hand, Mode::New, &specs)
+            .await;
+        if let Ok(Admission::Wait {
+            wait,
+            unproven: true,
+        }) = answer
+        {
             // Beyond the proven burst: one request goes to prove it (a gate probe already
             // going proves it as well as any), the others wait for its answer or the refill.
-            Err(Shortfall::Unproven { wait }) => {
-                let probe = probe.or(Some(Probe::Burst));
-                if probe == Some(Probe::Burst) && !state.gate.burst_probe_free() {
+            if probe.is_none() {
+                let mut state = self.lock();
+                if !state.gate.burst_probe_free() {
                     return Go::At(now + wait);
                 }
-                state.bucket.take_as_proof(cost, keep, now).map(|()| probe)
+                state.gate.claim(Some(Probe::Burst), now);
+                proof = Some(Probe::Burst);
             }
-            Err(shortfall) => Err(shortfall),
-        };
-        match taken {
-            Ok(probe) => {
-                state.gate.claim(probe, now);
-                Go::Now(Ticket::next(), probe)
+            answer = store
+                .admit(&shared.key, cost, keep, in_hand, Mode::Proof, &specs)
+                .await;
+        }
+        let mut state = self.lock();
+        let going = probe.or(proof);
+        if let Ok(Admission::Taken { levels }) = &answer {
+            state.bucket.mirror(levels, now);
+            state.degraded = None;
+            return Go::Now(Ticket::next(true), going);
+        }
+        if let Some(probe) = going {
+            state.gate.finish_probe(probe, ProbeOutcome::Abandoned);
+        }
+        match answer {
+            Ok(Admission::Wait { wait, .. }) => Go::At(now + wait),
+            Ok(Admission::Paused(wait)) => {
+                // Another replica's 429: this one pauses too, until the same instant.
+                state.gate.pause(now + wait);
+                Go::At(now + wait)
             }
-            Err(Shortfall::Wait { wait, .. } | Shortfall::Unproven { wait }) => Go::At(now + wait),
-            Err(Shortfall::Never(oversize)) => Go::Never(oversize),
+            // The store failed on this call: from this replica's share, as while it is down.
+            Ok(Admission::Taken { .. }) | Err(_) => match state.gate.check(false, now) {
+                Pass::Go(probe) => self.take_degraded(&mut state, shared, probe, cost, keep, now),
+                Pass::Until(until) => Go::At(until),
+                Pass::Hold => Go::Hold,
+            },
+        }
+    }
+
+    /// Admission while the shared store is out of reach: from this replica's share of the
+    /// limits (never the whole of them), or none (`shared.on_store_error = "fail_closed"`).
+    #[allow(clippy::too_many_arguments)]
+    fn take_degraded(
+        &self,
+        state: &mut State,
+        shared: &Shared,
+        probe: Option<Probe>,
+        cost: Cost,
+        keep: f64,
+        now: Instant,
+    ) -> Go {
+        if shared.store.on_error() == OnStoreError::FailClosed {
+            return Go::Unavailable;
+        }
+        let replicas = shared.store.replicas();
+        let limits = state.limits.share(replicas);
+        match &mut state.degraded {
+            Some((bucket, share)) if *share != replicas => {
+                // A changed share keeps what was spent.
+                bucket.set_limits(&limits, now);
+                *share = replicas;
+            }
+            Some(_) => {}
+            None => {
+                tracing::info!(
+                    org = %self.org,
+                    model = %self.model,
+                    replicas,
+                    rpm = ?limits.rpm,
+                    tpm = ?limits.tpm,
+                    "shared store out of reach: admitting from this replica's share"
+                );
+                let mut bucket = Bucket::with_margin(&limits, self.bounds.refill_margin, now);
+                if state.bucket.is_proven() {
+                    // What the upstream proved of the whole burst holds for a share of it.
+                    bucket.burst_proven();
+                }
+                state.degraded = Some((bucket, replicas));
+            }
+        }
+        let State { degraded, gate, .. } = state;
+        match degraded {
+            Some((bucket, _)) => take_from(bucket, gate, probe, cost, keep, now, false),
+            None => Go::Hold,
         }
     }
 
@@ -216,38 +346,104 @@ impl Budget {
     /// before anything new (it ignores the reserve and the burst proof; limits that shrank
     /// below it do not strand it mid-replay).
     pub(crate) async fn take_again(&self, again: Cost, now: Instant) -> Again {
-        let mut state = self.lock();
-        match state.gate.check(true, now) {
-            Pass::Go(probe) => match state.bucket.take_as_proof(again, 0.0, now) {
-                Ok(()) | Err(Shortfall::Never(_) | Shortfall::Unproven { .. }) => {
+        let (shared, probe, specs, in_hand) = {
+            let mut state = self.lock();
+            let probe = match state.gate.check(true, now) {
+                Pass::Go(probe) => probe,
+                Pass::Until(until) => return Again::At(until),
+                Pass::Hold => return Again::Hold,
+            };
+            let specs = state.bucket.specs();
+            match &self.shared {
+                Some(shared) if !specs.is_empty() && shared.store.is_up() => {
                     state.gate.claim(probe, now);
-                    Again::Now(probe)
+                    (shared, probe, specs, state.bucket.in_hand())
                 }
-                Err(Shortfall::Wait { wait, .. }) => Again::At(now + wait),
-            },
-            Pass::Until(until) => Again::At(until),
-            Pass::Hold => Again::Hold,
+                Some(shared) if !specs.is_empty() => {
+                    if shared.store.on_error() == OnStoreError::FailClosed {
+                        // Holding its reservation, the replay waits for the store instead.
+                        return Again::At(now + STORE_RETRY);
+                    }
+                    let State {
+                        degraded,
+                        bucket,
+                        gate,
+                        ..
+                    } = &mut *state;
+                    let bucket = degraded.as_mut().map_or(bucket, |(share, _)| share);
+                    return again_from(bucket, gate, probe, again, now);
+                }
+                _ => {
+                    let State { bucket, gate, .. } = &mut *state;
+                    return again_from(bucket, gate, probe, again, now);
+                }
+            }
+        };
+        let answer = shared
+            .store
+            .admit(&shared.key, again, 0.0, in_hand, Mode::Again, &specs)
+            .await;
+        let mut state = self.lock();
+        if let Ok(Admission::Taken { levels }) = &answer {
+            state.bucket.mirror(levels, now);
+            return Again::Now(probe);
+        }
+        if let Some(probe) = probe {
+            state.gate.finish_probe(probe, ProbeOutcome::Abandoned);
+        }
+        match answer {
+            Ok(Admission::Wait { wait, .. }) => Again::At(now + wait),
+            Ok(Admission::Paused(wait)) => {
+                state.gate.pause(now + wait);
+                Again::At(now + wait)
+            }
+            // Asked again shortly: from the store if it answers, else from the share.
+            Ok(Admission::Taken { .. }) | Err(_) => Again::At(now + STORE_RETRY),
         }
     }
 
     /// Ends reservation `ticket` in the bucket. Returns whether budget came back (waiters
-    /// may fit). A reservation is consumed by its one settle, so in memory the ticket is only
-    /// carried; a shared store records it to refuse a settle it already took.
+    /// may fit). In memory, a reservation is consumed by its one settle, so the ticket is
+    /// only carried; the shared store records it and refuses a settle it already applied,
+    /// so the settle (one round trip, off the request's path) is retried once on failure.
     pub(crate) fn settle(&self, ticket: Ticket, settle: Settle) -> bool {
         let now = Instant::now();
         let mut state = self.lock();
-        match settle {
-            Settle::Refund(cost) => {
-                state.bucket.give_back(cost, now);
-                tracing::trace!(ticket = ticket.0, ?cost, "refunded");
-                true
-            }
-            Settle::Debt(cost) => {
-                state.bucket.charge(cost, now);
-                tracing::trace!(ticket = ticket.0, ?cost, "charged beyond the estimate");
-                false
+        let (cost, refund) = match settle {
+            Settle::Refund(cost) => (cost, true),
+            Settle::Debt(cost) => (cost, false),
+        };
+        let bucket = match (&mut state.degraded, ticket.shared) {
+            (Some((bucket, _)), false) if self.shared.is_some() => bucket,
+            _ => &mut state.bucket,
+        };
+        if refund {
+            bucket.give_back(cost, now);
+        } else {
+            bucket.charge(cost, now);
+        }
+        tracing::trace!(ticket = ticket.id, ?cost, refund, "settled");
+        let specs = state.bucket.specs();
+        drop(state);
+        if let (Some(shared), true) = (&self.shared, ticket.shared) {
+            let store = Arc::clone(&shared.store);
+            let key = shared.key.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    for _ in 0..2 {
+                        match store.settle(&key, ticket.id, &specs, cost, refund).await {
+                            Ok(_) => return,
+                            Err(err) => tracing::debug!(
+                                error = ?err,
+                                ticket = ticket.id,
+                                "shared settle failed"
+                            ),
+                        }
+                    }
+                });
             }
         }
+        refund
     }
 
     /// Whether `cost` can ever fit. Forgets learned limits no response confirmed for an hour
@@ -411,6 +607,9 @@ impl Budget {
             state.gate.finish_probe(probe, ProbeOutcome::Answered);
             if probe == Probe::Burst && !state.bucket.is_proven() {
                 state.bucket.burst_proven();
+                self.spawn_on_store(state.bucket.specs(), |store, key, specs| async move {
+                    store.prove(&key, &specs).await
+                });
                 tracing::debug!(
                     org = %self.org,
                     model = %self.model,
@@ -418,6 +617,29 @@ impl Budget {
                 );
             }
         }
+    }
+
+    /// Tells the shared store what this replica learned (`call`), off the request's path;
+    /// nothing without a store, while it is down, or for a bucket without limits.
+    fn spawn_on_store<F, Fut>(&self, specs: Vec<MeterSpec>, call: F)
+    where
+        F: FnOnce(Arc<Store>, String, Vec<MeterSpec>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
+    {
+        let Some(shared) = &self.shared else { return };
+        if specs.is_empty() || !shared.store.is_up() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = Arc::clone(&shared.store);
+        let key = shared.key.clone();
+        runtime.spawn(async move {
+            if let Err(err) = call(store, key, specs).await {
+                tracing::debug!(error = ?err, "shared store update failed");
+            }
+        });
     }
 
     /// A probe ended without an answer (cancelled, failed to connect).
@@ -450,6 +672,13 @@ impl Budget {
             reason: rate_limited.reason,
             wait: rate_limited.resume.saturating_duration_since(now),
         });
+        // One replica's 429 pauses the bucket for all, until the same hint.
+        let wait = rate_limited.resume.saturating_duration_since(now);
+        if !wait.is_zero() {
+            self.spawn_on_store(state.bucket.specs(), move |store, key, specs| async move {
+                store.pause(&key, wait, &specs).await.map(|_| ())
+            });
+        }
         if opened {
             tracing::warn!(
                 org = %self.org,
@@ -520,6 +749,57 @@ impl Budget {
     #[cfg(test)]
     pub(crate) fn prove_burst(&self) {
         self.lock().bucket.burst_proven();
+    }
+}
+
+/// Takes `cost` from `bucket` for a request the gate let go (as `probe`); beyond the proven
+/// part of the burst, one request goes to prove it (a gate probe already going proves it as
+/// well as any), the others wait for its answer or the refill.
+fn take_from(
+    bucket: &mut Bucket,
+    gate: &mut Gate,
+    probe: Option<Probe>,
+    cost: Cost,
+    keep: f64,
+    now: Instant,
+    shared: bool,
+) -> Go {
+    let taken = match bucket.try_take(cost, keep, now) {
+        Ok(()) => Ok(probe),
+        Err(Shortfall::Unproven { wait }) => {
+            let probe = probe.or(Some(Probe::Burst));
+            if probe == Some(Probe::Burst) && !gate.burst_probe_free() {
+                return Go::At(now + wait);
+            }
+            bucket.take_as_proof(cost, keep, now).map(|()| probe)
+        }
+        Err(shortfall) => Err(shortfall),
+    };
+    match taken {
+        Ok(probe) => {
+            gate.claim(probe, now);
+            Go::Now(Ticket::next(shared), probe)
+        }
+        Err(Shortfall::Wait { wait, .. } | Shortfall::Unproven { wait }) => Go::At(now + wait),
+        Err(Shortfall::Never(oversize)) => Go::Never(oversize),
+    }
+}
+
+/// Takes `again` from `bucket` for a refused request sent once more (see
+/// [`Budget::take_again`]).
+fn again_from(
+    bucket: &mut Bucket,
+    gate: &mut Gate,
+    probe: Option<Probe>,
+    again: Cost,
+    now: Instant,
+) -> Again {
+    match bucket.take_as_proof(again, 0.0, now) {
+        Ok(()) | Err(Shortfall::Never(_) | Shortfall::Unproven { .. }) => {
+            gate.claim(probe, now);
+            Again::Now(probe)
+        }
+        Err(Shortfall::Wait { wait, .. }) => Again::At(now + wait),
     }
 }
 

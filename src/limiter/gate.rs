@@ -235,6 +235,11 @@ impl Gate {
         false
     }
 
+    /// Nothing goes before `until` (another replica's 429, seen through the shared store).
+    pub(crate) fn pause(&mut self, until: Instant) {
+        self.paused_until = Some(self.paused_until.map_or(until, |paused| paused.max(until)));
+    }
+
     /// The end of the current pause or open circuit, if either lies ahead: no dispatch
     /// happens before it.
     pub(crate) fn blocked_until(&self, now: Instant) -> Option<Instant> {

@@ -17,6 +17,7 @@ mod learn;
 pub(crate) mod queue;
 mod reservation;
 pub(crate) mod status;
+pub(crate) mod store;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +32,7 @@ use bounds::QueueBounds;
 use bucket::{Cost, Limits};
 use queue::{BucketQueue, Rejection};
 pub(crate) use reservation::{Charged, Reservation};
+use store::Store;
 
 /// How often at most a full bucket table is logged: a flood of made-up names hits the cap
 /// on every request, and one line per request would be a flood of its own.
@@ -99,15 +101,23 @@ pub struct Limiter {
     clock: AtomicU64,
     max_buckets: AtomicUsize,
     bounds: Arc<QueueBounds>,
+    /// Where buckets keep their levels and pauses when replicas share them.
+    store: Option<Arc<Store>>,
 }
 
 impl Limiter {
-    pub fn new(config: &QueueConfig, circuit_threshold: u32) -> Self {
+    /// The limiter of one process; its buckets share their budgets through `store`, if any.
+    pub(crate) fn new(
+        config: &QueueConfig,
+        circuit_threshold: u32,
+        store: Option<Arc<Store>>,
+    ) -> Self {
         Self {
             table: RwLock::new(Table::default()),
             clock: AtomicU64::new(0),
             max_buckets: AtomicUsize::new(config.max_buckets),
             bounds: Arc::new(QueueBounds::new(config, circuit_threshold)),
+            store,
         }
     }
 
@@ -207,12 +217,28 @@ impl Limiter {
                 return None;
             }
             // Logged after the bucket is in place, outside the lock.
-            let queue = table.insert(org, model, limits, generation, learn, &self.bounds, tick);
+            let queue = table.insert(
+                org,
+                model,
+                limits,
+                generation,
+                learn,
+                (&self.bounds, &self.store),
+                tick,
+            );
             drop(table);
             log_cap(line, max, org, model);
             return Some(queue);
         }
-        Some(table.insert(org, model, limits, generation, learn, &self.bounds, tick))
+        Some(table.insert(
+            org,
+            model,
+            limits,
+            generation,
+            learn,
+            (&self.bounds, &self.store),
+            tick,
+        ))
     }
 
     /// Waits for `cost` in the bucket of (org, model) and returns the reservation holding it;
@@ -267,7 +293,7 @@ impl Table {
         limits: Limits,
         generation: u64,
         learn: bool,
-        bounds: &Arc<QueueBounds>,
+        (bounds, store): (&Arc<QueueBounds>, &Option<Arc<Store>>),
         tick: u64,
     ) -> Arc<BucketQueue> {
         let model: Arc<str> = Arc::from(model);
@@ -277,6 +303,7 @@ impl Table {
             limits,
             learn,
             Arc::clone(bounds),
+            store.clone(),
         ));
         queue.set_limits(limits, generation);
         self.orgs.entry(Arc::clone(org)).or_default().insert(
@@ -387,7 +414,7 @@ mod tests {
     }
 
     fn limiter() -> Limiter {
-        Limiter::new(&Limiter::test_queue_config(), 3)
+        Limiter::new(&Limiter::test_queue_config(), 3, None)
     }
 
     fn tpm(tokens: u64) -> Limits {
@@ -478,7 +505,7 @@ mod tests {
             max_buckets,
             ..Limiter::test_queue_config()
         };
-        Limiter::new(&config, 3)
+        Limiter::new(&config, 3, None)
     }
 
     fn learned(limiter: &Limiter, org: &str, model: &str) -> Option<Arc<BucketQueue>> {

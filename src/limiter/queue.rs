@@ -34,6 +34,7 @@ use super::bounds::QueueBounds;
 use super::budget::{Again, Budget, Go, RateLimited, Settle, Ticket};
 use super::learn::Mark;
 use super::status::BucketStatus;
+use super::store::Store;
 
 /// Why a request was not admitted.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,15 +55,18 @@ pub enum Rejection {
     },
     /// The bucket's or sluice's queue is full.
     QueueFull { depth: usize, wait: Duration },
+    /// The shared store cannot be reached and `shared.on_store_error` is `fail_closed`.
+    StoreDown,
 }
 
 impl Rejection {
-    /// A Prometheus reason label: `too_large`, `deadline` or `queue_full`.
+    /// A Prometheus reason label: `too_large`, `deadline`, `queue_full` or `store_down`.
     pub fn label(&self) -> &'static str {
         match self {
             Self::TooLarge { .. } => "too_large",
             Self::Deadline { .. } => "deadline",
             Self::QueueFull { .. } => "queue_full",
+            Self::StoreDown => "store_down",
         }
     }
 }
@@ -169,13 +173,15 @@ pub struct BucketQueue {
 
 impl BucketQueue {
     /// A bucket with the configured `limits`; `learn` sends its first request alone while
-    /// no limit is known, to learn them from the upstream's headers.
-    pub fn new(
+    /// no limit is known, to learn them from the upstream's headers; its budget lives in
+    /// `store` when replicas share it.
+    pub(crate) fn new(
         org: Arc<str>,
         model: Arc<str>,
         limits: Limits,
         learn: bool,
         bounds: Arc<QueueBounds>,
+        store: Option<Arc<Store>>,
     ) -> Self {
         let budget = Budget::new(
             Arc::clone(&org),
@@ -183,6 +189,7 @@ impl BucketQueue {
             limits,
             learn,
             Arc::clone(&bounds),
+            store,
         );
         Self {
             org,
@@ -231,6 +238,7 @@ impl BucketQueue {
                     })
                 }
                 Go::Never(never) => return Err(too_large(never, cost)),
+                Go::Unavailable => return Err(Rejection::StoreDown),
                 Go::At(_) | Go::Hold => {}
             }
         }
@@ -299,6 +307,7 @@ impl BucketQueue {
                     Go::Hold => None,
                     // The limits shrank below this request while it waited.
                     Go::Never(never) => return Err(too_large(never, cost)),
+                    Go::Unavailable => return Err(Rejection::StoreDown),
                 }
             } else {
                 None
@@ -506,6 +515,7 @@ mod tests {
                 },
                 3,
             )),
+            None,
         ))
     }
 

@@ -1,0 +1,738 @@
+//! The shared store: bucket levels and pauses that several sluice replicas share through Redis
+//! (or Valkey), so N sidecars of one team spend one budget instead of N.
+//!
+//! Every admission is one round trip: a server-side script (`scripts/admit.lua`) that takes
+//! a request's whole cost from every limit of its bucket or none of them, on the server's
+//! clock (`TIME`, so replicas' clocks never matter), and says on refusal how long until it
+//! would fit, and whether a burst another replica proved needs no proof. A settlement (`scripts/settle.lua`) is applied once per reservation: it first
+//! sets a marker for the reservation's id (`SET NX`), so a settle that is retried or replayed
+//! never charges twice. A 429's pause (`scripts/pause.lua`) holds for every replica.
+//!
+//! Keys: `<prefix>{<org>/<model>}:b` holds a bucket (a hash: level and capacity per limit, the
+//! time of its last refill, the pause, a send counter); `<prefix>{<org>/<model>}:s:<replica>:<id>`
+//! marks a settled reservation; `<prefix>replicas` is the heartbeat set. The braces are a hash
+//! tag, so one bucket's keys share a Redis Cluster slot. Levels refill continuously from the
+//! stored time, so a bucket's TTL may be re-armed on every write: a key that expires has been
+//! idle for two of its longest windows, and would be full again by then anyway. A replica that
+//! dies holding reservations leaks nothing: their cost was taken from the level, which
+//! refills; only their refunds are lost (the conservative side).
+//!
+//! When the store fails (an error, or no answer within `shared.store_timeout_secs`), a
+//! breaker stops calling it for a moment, so an outage never adds a timeout to every request;
+//! the heartbeat, once a second, is the probe that closes it again. Meanwhile each replica
+//! either admits from a local bucket holding its share of the limit (the limit divided by the
+//! replicas it last saw alive), or refuses with a 503 (`shared.on_store_error`).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+use tokio::time::Instant;
+
+use crate::config::{OnStoreError, SharedConfig};
+use crate::limiter::bucket::{Cost, MeterSpec, Resource, DAY, MINUTE};
+
+/// How often a replica says it is alive (and probes an open breaker).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a heartbeat counts: a replica silent this long is no longer counted alive.
+const ALIVE: Duration = Duration::from_secs(5);
+/// How long the breaker stays open after the first failure, and at most.
+const BREAKER_MIN: Duration = Duration::from_millis(500);
+const BREAKER_MAX: Duration = Duration::from_secs(5);
+/// How long a settled reservation's marker is kept: longer than any retry of its settle.
+const SETTLED_TTL: Duration = Duration::from_secs(600);
+
+impl MeterSpec {
+    /// The limit's field name in the bucket's hash: `rm`, `tm`, `rd`, `td`.
+    fn name(&self) -> &'static str {
+        match (self.resource, self.window == DAY) {
+            (Resource::Requests, false) => "rm",
+            (Resource::Tokens, false) => "tm",
+            (Resource::Requests, true) => "rd",
+            (Resource::Tokens, true) => "td",
+        }
+    }
+}
+
+/// How an admission asks ([`Store::admit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A new request: within the proven part of the burst only.
+    New = 0,
+    /// The request that proves the burst.
+    Proof = 1,
+    /// A refused request sent again (the reserve and the proof do not apply).
+    Again = 2,
+}
+
+/// The store's answer to an admission.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Admission {
+    /// Taken; the levels after it, in the order of the specs.
+    Taken { levels: Vec<f64> },
+    /// Not before this wait (the refill, or the burst's proof).
+    Wait { wait: Duration, unproven: bool },
+    /// The bucket is paused after an upstream 429, for this long.
+    Paused(Duration),
+}
+
+/// Why a store call failed, as the errors metric labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StoreError {
+    /// No answer within the store timeout.
+    Timeout,
+    /// The connection failed or was refused.
+    Connection,
+    /// The store answered with an error, or with something the scripts never return.
+    Reply,
+    /// The breaker is open: the store was not called.
+    Down,
+}
+
+impl StoreError {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connection => "connection",
+            Self::Reply => "reply",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// The store's metrics, registered beside sluice's others.
+struct StoreMetrics {
+    up: IntGauge,
+    duration: Histogram,
+    errors: IntCounterVec,
+    replicas: IntGauge,
+}
+
+impl StoreMetrics {
+    fn new(registry: &Registry) -> Self {
+        let up = IntGauge::new(
+            "sluice_shared_store_up",
+            "1 while the shared store (Redis) is in use, 0 while this replica is degraded.",
+        )
+        .expect("a valid gauge");
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_shared_store_duration_seconds",
+                "Round trips to the shared store (admission, settlement, pause, heartbeat).",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
+        )
+        .expect("a valid histogram");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "sluice_shared_store_errors_total",
+                "Shared-store calls that failed, by kind (timeout, connection, reply, down: \
+                 not called while the breaker is open).",
+            ),
+            &["kind"],
+        )
+        .expect("a valid counter");
+        let replicas = IntGauge::new(
+            "sluice_shared_replicas",
+            "sluice replicas seen alive through the shared store's heartbeats.",
+        )
+        .expect("a valid gauge");
+        for metric in [
+            Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(errors.clone()),
+            Box::new(replicas.clone()),
+        ] {
+            // Registered once per registry; a second store on one registry is a bug.
+            let _ = registry.register(metric);
+        }
+        for kind in [
+            StoreError::Timeout,
+            StoreError::Connection,
+            StoreError::Reply,
+            StoreError::Down,
+        ] {
+            errors.with_label_values(&[kind.label()]);
+        }
+        Self {
+            up,
+            duration,
+            errors,
+            replicas,
+        }
+    }
+}
+
+/// The breaker: after a failure the store is not called until `open_until`.
+#[derive(Debug, Default)]
+struct Breaker {
+    open_until: Option<Instant>,
+    /// How long it opens next time (doubling while failures continue).
+    next: Duration,
+}
+
+/// The connection to the shared store, its scripts and its health.
+pub(crate) struct Store {
+    connection: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    on_error: OnStoreError,
+    /// This process's id in the heartbeat set and in settlement markers.
+    replica: String,
+    admit: Script,
+    settle: Script,
+    pause: Script,
+    prove: Script,
+    heartbeat: Script,
+    breaker: Mutex<Breaker>,
+    up: AtomicBool,
+    replicas: AtomicUsize,
+    metrics: StoreMetrics,
+}
+
+impl Store {
+    /// A store for `config`, connecting lazily (the first call connects); its metrics go to
+    /// `registry`. Fails only on a URL the client cannot read.
+    pub(crate) fn new(config: &SharedConfig, registry: &Registry) -> Result<Arc<Self>, String> {
+        let client = redis::Client::open(config.redis_url.as_str())
+            .map_err(|err| format!("shared.redis_url: {err}"))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.store_timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(config.store_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(|err| format!("shared.redis_url: {err}"))?;
+        let metrics = StoreMetrics::new(registry);
+        metrics.up.set(1);
+        let store = Arc::new(Self {
+            connection,
+            prefix: config.key_prefix.clone(),
+            timeout: config.store_timeout,
+            on_error: config.on_store_error,
+            replica: format!("{:016x}", fastrand::u64(..)),
+            admit: Script::new(include_str!("scripts/admit.lua")),
+            settle: Script::new(include_str!("scripts/settle.lua")),
+            pause: Script::new(include_str!("scripts/pause.lua")),
+            prove: Script::new(include_str!("scripts/prove.lua")),
+            heartbeat: Script::new(include_str!("scripts/heartbeat.lua")),
+            breaker: Mutex::new(Breaker::default()),
+            up: AtomicBool::new(true),
+            replicas: AtomicUsize::new(1),
+            metrics,
+        });
+        Ok(store)
+    }
+
+    /// Starts the heartbeat, which also probes an open breaker. It ends with the store.
+    pub(crate) fn start(self: &Arc<Self>) {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(store) = weak.upgrade() else { return };
+                store.beat().await;
+            }
+        });
+    }
+
+    async fn beat(&self) {
+        let mut invocation = self.heartbeat.key(format!("{}replicas", self.prefix));
+        invocation.arg(&self.replica).arg(ALIVE.as_secs_f64());
+        // The heartbeat is the breaker's probe: it runs whether the breaker is open or not.
+        match self.call::<i64>(&invocation, true).await {
+            Ok(alive) => {
+                let alive = usize::try_from(alive).unwrap_or(1).max(1);
+                self.replicas.store(alive, Ordering::Relaxed);
+                self.metrics.replicas.set(alive as i64);
+            }
+            Err(err) => tracing::debug!(error = err.label(), "shared store heartbeat failed"),
+        }
+    }
+
+    /// Whether the store is in use now (the breaker is closed).
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// What a replica does while the store is down.
+    pub(crate) fn on_error(&self) -> OnStoreError {
+        self.on_error
+    }
+
+    /// The replicas seen alive at the last heartbeat (at least this one).
+    pub(crate) fn replicas(&self) -> usize {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// The hash key of a bucket; org and model names are escaped so neither can end the hash
+    /// tag early.
+    pub(crate) fn bucket_key(&self, org: &str, model: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + org.len() + model.len() + 8);
+        key.push_str(&self.prefix);
+        key.push('{');
+        escape(&mut key, org);
+        key.push('/');
+        escape(&mut key, model);
+        key.push_str("}:b");
+        key
+    }
+
+    /// Takes `cost` from the bucket at `key`, all limits or none (see `scripts/admit.lua`).
+    pub(crate) async fn admit(
+        &self,
+        key: &str,
+        cost: Cost,
+        keep: f64,
+        in_hand: f64,
+        mode: Mode,
+        meters: &[MeterSpec],
+    ) -> Result<Admission, StoreError> {
+        let mut invocation = self.admit.key(key);
+        invocation
+            .arg(cost.requests)
+            .arg(cost.tokens)
+            .arg(keep)
+            .arg(in_hand)
+            .arg(mode as u8)
+            .arg(ttl_ms(meters));
+        for meter in meters {
+            invocation
+                .arg(meter.name())
+                .arg(match meter.resource {
+                    Resource::Requests => 0,
+                    Resource::Tokens => 1,
+                })
+                .arg(meter.capacity)
+                .arg(meter.window.as_secs_f64())
+                .arg(meter.burst)
+                .arg(u8::from(meter.unproven));
+        }
+        let reply: Vec<Value> = self.call(&invocation, false).await?;
+        let number = |index: usize| -> Option<f64> {
+            match reply.get(index)? {
+                Value::Int(n) => Some(*n as f64),
+                Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+                _ => None,
+            }
+        };
+        let code = number(0).ok_or(StoreError::Reply)?;
+        let millis = || {
+            number(1)
+                .map(|ms| Duration::from_millis(ms.max(0.0) as u64))
+                .ok_or(StoreError::Reply)
+        };
+        match code as i64 {
+            1 => {
+                let levels = (0..meters.len())
+                    .map(|index| number(index + 2).ok_or(StoreError::Reply))
+                    .collect::<Result<_, _>>()?;
+                Ok(Admission::Taken { levels })
+            }
+            0 => Ok(Admission::Wait {
+                wait: millis()?,
+                unproven: false,
+            }),
+            2 => Ok(Admission::Wait {
+                wait: millis()?,
+                unproven: true,
+            }),
+            3 => Ok(Admission::Paused(millis()?)),
+            _ => Err(StoreError::Reply),
+        }
+    }
+
+    /// Applies a reservation's settlement once: `deltas` per limit, positive charged beyond
+    /// the estimate, negative refunded. `Ok(false)` when this `ticket` was already settled.
+    pub(crate) async fn settle(
+        &self,
+        key: &str,
+        ticket: u64,
+        meters: &[MeterSpec],
+        cost: Cost,
+        refund: bool,
+    ) -> Result<bool, StoreError> {
+        let marker = format!(
+            "{}:s:{}:{ticket}",
+            key.strip_suffix(":b").unwrap_or(key),
+            self.replica
+        );
+        let mut invocation = self.settle.key(key);
+        invocation
+            .key(marker)
+            .arg(SETTLED_TTL.as_millis() as u64)
+            .arg(ttl_ms(meters));
+        let sign = if refund { -1.0 } else { 1.0 };
+        for meter in meters {
+            let amount = match meter.resource {
+                Resource::Requests => cost.requests,
+                Resource::Tokens => cost.tokens,
+            };
+            invocation
+                .arg(meter.name())
+                .arg(meter.capacity)
+                .arg(meter.window.as_secs_f64())
+                .arg(meter.burst)
+                .arg(sign * amount as f64);
+        }
+        let applied: i64 = self.call(&invocation, false).await?;
+        Ok(applied == 1)
+    }
+
+    /// Pauses the bucket at `key` for every replica for `wait` (a longer pause already set
+    /// stands); returns the pause now in force.
+    pub(crate) async fn pause(
+        &self,
+        key: &str,
+        wait: Duration,
+        meters: &[MeterSpec],
+    ) -> Result<Duration, StoreError> {
+        let mut invocation = self.pause.key(key);
+        invocation.arg(wait.as_millis() as u64).arg(ttl_ms(meters));
+        let left: i64 = self.call(&invocation, false).await?;
+        Ok(Duration::from_millis(left.max(0) as u64))
+    }
+
+    /// Records the burst of every limit in `meters` as proven, for every replica.
+    pub(crate) async fn prove(&self, key: &str, meters: &[MeterSpec]) -> Result<(), StoreError> {
+        let mut invocation = self.prove.key(key);
+        invocation.arg(ttl_ms(meters));
+        for meter in meters {
+            invocation.arg(meter.name()).arg(meter.burst);
+        }
+        let _: i64 = self.call(&invocation, false).await?;
+        Ok(())
+    }
+
+    /// One script call, bounded by the store timeout and skipped while the breaker is open
+    /// (unless `probe`); failures open the breaker, a success closes it.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        probe: bool,
+    ) -> Result<T, StoreError> {
+        let now = Instant::now();
+        if !probe && self.breaker_open(now) {
+            self.metrics
+                .errors
+                .with_label_values(&[StoreError::Down.label()])
+                .inc();
+            return Err(StoreError::Down);
+        }
+        let mut connection = self.connection.clone();
+        let result = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout)
+            .and_then(|reply| {
+                reply.map_err(|err| {
+                    if err.is_io_error() || err.is_connection_dropped() || err.is_timeout() {
+                        StoreError::Connection
+                    } else {
+                        StoreError::Reply
+                    }
+                })
+            });
+        self.metrics.duration.observe(now.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => self.closed(),
+            Err(err) => self.failed(*err, now),
+        }
+        result
+    }
+
+    fn breaker_open(&self, now: Instant) -> bool {
+        let breaker = self
+            .breaker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        breaker.open_until.is_some_and(|until| until > now)
+    }
+
+    fn closed(&self) {
+        let mut breaker = self
+            .breaker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        breaker.open_until = None;
+        breaker.next = BREAKER_MIN;
+        drop(breaker);
+        if !self.up.swap(true, Ordering::Relaxed) {
+            tracing::info!("shared store reachable again: buckets are shared once more");
+            self.metrics.up.set(1);
+        }
+    }
+
+    fn failed(&self, err: StoreError, now: Instant) {
+        self.metrics.errors.with_label_values(&[err.label()]).inc();
+        let mut breaker = self
+            .breaker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let open_for = breaker.next.clamp(BREAKER_MIN, BREAKER_MAX);
+        breaker.open_until = Some(now + open_for);
+        breaker.next = (open_for * 2).min(BREAKER_MAX);
+        drop(breaker);
+        if self.up.swap(false, Ordering::Relaxed) {
+            let degraded = match self.on_error {
+                OnStoreError::Degrade => format!(
+                    "admitting from this replica's share of each limit (1/{})",
+                    self.replicas()
+                ),
+                OnStoreError::FailClosed => "refusing metered requests with 503".to_owned(),
+            };
+            tracing::warn!(
+                error = err.label(),
+                "shared store unreachable; {degraded} until it answers again"
+            );
+            self.metrics.up.set(0);
+        }
+    }
+}
+
+/// A bucket hash's TTL: two of its longest windows (it is full again by then).
+fn ttl_ms(meters: &[MeterSpec]) -> u64 {
+    let longest = meters
+        .iter()
+        .map(|meter| meter.window)
+        .max()
+        .unwrap_or(MINUTE);
+    (longest * 2).as_millis() as u64
+}
+
+/// Appends `name` with `%`, `{` and `}` percent-escaped.
+fn escape(out: &mut String, name: &str) {
+    for c in name.chars() {
+        match c {
+            '%' | '{' | '}' => {
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `redis-server` on a free port, killed when dropped (installed by `.ci/run`).
+    struct Redis(std::process::Child, u16);
+
+    impl Redis {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .map(|addr| addr.port())
+                .expect("a free port");
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is installed (apt-get install redis-server)");
+            // Dropping it kills and waits for the server, however the test ends.
+            let redis = Self(child, port);
+            for _ in 0..200 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return redis;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            panic!("redis-server did not start");
+        }
+
+        fn store(&self) -> Arc<Store> {
+            let config = SharedConfig {
+                redis_url: format!("redis://127.0.0.1:{}/0", self.1),
+                key_prefix: "sluice-test:".to_owned(),
+                store_timeout: Duration::from_secs(1),
+                on_store_error: OnStoreError::Degrade,
+            };
+            Store::new(&config, &Registry::new()).expect("a store")
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn tpm(limit: f64) -> Vec<MeterSpec> {
+        vec![MeterSpec {
+            resource: Resource::Tokens,
+            window: MINUTE,
+            capacity: limit,
+            burst: limit,
+            unproven: false,
+        }]
+    }
+
+    fn level(admission: Admission) -> f64 {
+        match admission {
+            Admission::Taken { levels } => levels[0],
+            other => panic!("not taken: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn admission_is_all_or_nothing_and_says_how_long_to_wait() {
+        let redis = Redis::start();
+        let store = redis.store();
+        let key = store.bucket_key("acme", "gpt-4o");
+        let meters = tpm(6000.0);
+        let take = |tokens| {
+            store.admit(
+                &key,
+                Cost {
+                    requests: 1,
+                    tokens,
+                },
+                0.0,
+                0.0,
+                Mode::New,
+                &meters,
+            )
+        };
+        let after = level(take(5000).await.expect("admitted"));
+        assert!((1000.0..1002.0).contains(&after), "{after}");
+        // 2000 more do not fit; the wait is the refill of the missing ~1000 (100 per second).
+        match take(2000).await.expect("answered") {
+            Admission::Wait { wait, unproven } => {
+                assert!(!unproven);
+                assert!(
+                    (Duration::from_millis(9_800)..=Duration::from_millis(10_000)).contains(&wait),
+                    "{wait:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing was taken by the refusal.
+        let now = level(take(0).await.expect("admitted"));
+        assert!((1000.0..1005.0).contains(&now), "{now}");
+    }
+
+    #[tokio::test]
+    async fn a_settle_is_applied_once_per_reservation() {
+        let redis = Redis::start();
+        let store = redis.store();
+        let key = store.bucket_key("acme", "gpt-4o");
+        let meters = tpm(6000.0);
+        let nothing = Cost {
+            requests: 0,
+            tokens: 0,
+        };
+        let taken = store.admit(
+            &key,
+            Cost {
+                requests: 0,
+                tokens: 3000,
+            },
+            0.0,
+            0.0,
+            Mode::New,
+            &meters,
+        );
+        let before = level(taken.await.expect("admitted"));
+        let refund = Cost {
+            requests: 0,
+            tokens: 1000,
+        };
+        assert!(store
+            .settle(&key, 7, &meters, refund, true)
+            .await
+            .expect("settled"));
+        // The same reservation again (a retried or replayed settle): not applied.
+        assert!(!store
+            .settle(&key, 7, &meters, refund, true)
+            .await
+            .expect("answered"));
+        let after = level(
+            store
+                .admit(&key, nothing, 0.0, 0.0, Mode::New, &meters)
+                .await
+                .expect("admitted"),
+        );
+        assert!(
+            (before + 1000.0..before + 1005.0).contains(&after),
+            "{before} -> {after}"
+        );
+        // Another reservation's debt is its own.
+        assert!(store
+            .settle(&key, 8, &meters, refund, false)
+            .await
+            .expect("settled"));
+    }
+
+    #[tokio::test]
+    async fn a_pause_holds_for_every_caller_and_a_longer_one_stands() {
+        let redis = Redis::start();
+        let store = redis.store();
+        let key = store.bucket_key("acme", "gpt-4o");
+        let meters = tpm(6000.0);
+        let left = store
+            .pause(&key, Duration::from_secs(2), &meters)
+            .await
+            .expect("paused");
+        assert!(left > Duration::from_millis(1900), "{left:?}");
+        let shorter = store
+            .pause(&key, Duration::from_millis(100), &meters)
+            .await
+            .expect("paused");
+        assert!(shorter > Duration::from_millis(1900), "{shorter:?}");
+        let cost = Cost {
+            requests: 1,
+            tokens: 1,
+        };
+        match store
+            .admit(&key, cost, 0.0, 0.0, Mode::New, &meters)
+            .await
+            .expect("answered")
+        {
+            Admission::Paused(wait) => assert!(wait > Duration::from_millis(1800), "{wait:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_fails_fast_then_is_not_called() {
+        let redis = Redis::start();
+        let store = redis.store();
+        drop(redis);
+        let key = store.bucket_key("acme", "gpt-4o");
+        let cost = Cost {
+            requests: 1,
+            tokens: 1,
+        };
+        let first = store
+            .admit(&key, cost, 0.0, 0.0, Mode::New, &tpm(10.0))
+            .await;
+        assert!(
+            matches!(first, Err(StoreError::Connection | StoreError::Timeout)),
+            "{first:?}"
+        );
+        assert!(!store.is_up());
+        let started = Instant::now();
+        let second = store
+            .admit(&key, cost, 0.0, 0.0, Mode::New, &tpm(10.0))
+            .await;
+        assert_eq!(second, Err(StoreError::Down));
+        assert!(started.elapsed() < Duration::from_millis(5));
+    }
+
+    #[test]
+    fn names_cannot_end_the_hash_tag() {
+        let mut out = String::new();
+        escape(&mut out, "a}b{c%");
+        assert_eq!(out, "a%7Db%7Bc%25");
+    }
+}

@@ -1,0 +1,273 @@
+//! Limits shared by replicas through a real `redis-server` (started here on a free port):
+//! several sluice servers in front of one mock upstream spend one budget, one replica's 429
+//! pauses the others, and a store that goes away degrades each replica to its share (or to a
+//! clear 503) and comes back on its own. `redis-server` must be installed (`.ci/run` installs
+//! the Debian package); without it these tests fail, they do not skip.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use mock_openai::{Fault, FaultRule, MockConfig};
+
+/// A `redis-server` of this test's own, stopped when dropped.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.restart().await;
+        redis
+    }
+
+    /// Starts the server (again, empty) on the same port.
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            // Nothing is persisted (no RDB, no AOF), so no directory of its own is needed.
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install redis-server)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(10), "redis-server listens", || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        })
+        .await;
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One org at `rpm`, sharing its budget through `redis` (none: this replica's own).
+fn config(rpm: u64, redis: Option<&Redis>, extra: &str) -> String {
+    let shared = redis.map_or(String::new(), |redis| {
+        format!("[shared]\nredis_url = \"{}\"\n{extra}", redis.url())
+    });
+    format!(
+        "{shared}\n[[org]]\nname = \"acme\"\nkeys = [\"{KEY}\"]\n[org.limits.\"*\"]\nrpm = {rpm}\n"
+    )
+}
+
+async fn post(sluice: &Sluice, max_wait: &str) -> reqwest::Response {
+    client()
+        .post(sluice.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-sluice-max-wait", max_wait)
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Sends `count` requests spread over `replicas` at once; returns the statuses.
+async fn burst(replicas: &[&Sluice], count: usize, max_wait: &str) -> Vec<u16> {
+    let requests = (0..count).map(|i| {
+        let sluice = replicas[i % replicas.len()];
+        async move { post(sluice, max_wait).await.status().as_u16() }
+    });
+    futures_util::future::join_all(requests).await
+}
+
+/// Waits until sluice's metrics show `line`.
+async fn shows(sluice: &Sluice, line: &str, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !metrics_text(sluice).await.contains(line) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no `{line}` in the metrics within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ok(statuses: &[u16]) -> usize {
+    statuses.iter().filter(|status| **status == 200).count()
+}
+
+/// A mock enforcing `rpm` on the whole minute, as a plain (unquantized) upstream does.
+async fn upstream(rpm: u64) -> mock_openai::MockServer {
+    mock_with(MockConfig {
+        rpm,
+        ..MockConfig::default()
+    })
+    .await
+}
+
+/// Lets each replica prove the burst (a second's worth goes at once, then one request beyond
+/// it proves the rest: see src/limiter/bucket.rs), so the bursts below measure the budget,
+/// not the proof. Spends two requests per replica.
+async fn warm(replicas: &[&Sluice]) {
+    for sluice in replicas {
+        assert_eq!(burst(&[sluice], 2, "5").await, [200, 200]);
+    }
+}
+
+#[tokio::test]
+async fn replicas_sharing_a_store_spend_one_budget() {
+    let redis = Redis::start().await;
+    let mock = upstream(1000).await;
+    let a = Sluice::start_with(&mock.url(), &config(30, Some(&redis), "")).await;
+    let b = Sluice::start_with(&mock.url(), &config(30, Some(&redis), "")).await;
+    warm(&[&a, &b]).await;
+    // 40 more than the 26 left of the shared 30; what cannot fit within 0.3 s is refused by
+    // sluice (its own 429), not sent.
+    let statuses = burst(&[&a, &b], 40, "0.3").await;
+    let admitted = ok(&statuses);
+    // 26 left (less the refill margin), plus at most a request of refill during the burst.
+    assert!(
+        (24..=27).contains(&admitted),
+        "{admitted} admitted: {statuses:?}"
+    );
+    assert!(statuses
+        .iter()
+        .all(|status| *status == 200 || *status == 429));
+    assert_eq!(mock.stats().requests as usize, 4 + admitted);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_store_each_replica_spends_the_whole_budget() {
+    // The same burst as above, each replica on its own: the reason the store exists.
+    let mock = upstream(1000).await;
+    let a = Sluice::start_with(&mock.url(), &config(30, None, "")).await;
+    let b = Sluice::start_with(&mock.url(), &config(30, None, "")).await;
+    warm(&[&a, &b]).await;
+    let statuses = burst(&[&a, &b], 40, "0.3").await;
+    assert_eq!(ok(&statuses), 40, "{statuses:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn one_replicas_429_pauses_the_others() {
+    let redis = Redis::start().await;
+    let mock = upstream(1000).await;
+    let a = Sluice::start_with(&mock.url(), &config(600, Some(&redis), "")).await;
+    let b = Sluice::start_with(&mock.url(), &config(600, Some(&redis), "")).await;
+    warm(&[&a, &b]).await;
+    mock.inject(FaultRule::once(Fault::Status {
+        status: 429,
+        body: Some(serde_json::json!({"error": {
+            "message": "Rate limit reached for gpt-4o-mini in organization org-X on requests per min (RPM): Limit 600, Used 600, Requested 1. Please try again in 2s.",
+            "type": "requests", "param": null, "code": "rate_limit_exceeded"}})),
+        headers: vec![("retry-after".to_owned(), "2".to_owned())],
+    }));
+    let refused = tokio::spawn({
+        let url = a.url("/v1/chat/completions");
+        async move {
+            client()
+                .post(url)
+                .bearer_auth(KEY)
+                .json(&chat_body(false))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    eventually(Duration::from_secs(5), "the 429 reached replica a", || {
+        mock.stats().status_counts.get(&429).copied() == Some(1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    let response = post(&b, "10").await;
+    assert_eq!(response.status(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "replica b went after {waited:?}, within a's 2 s pause"
+    );
+    assert_eq!(
+        refused.await.unwrap(),
+        200,
+        "a's request is replayed after the pause"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_that_goes_away_degrades_to_a_share_and_comes_back() {
+    let mut redis = Redis::start().await;
+    let mock = upstream(1000).await;
+    let a = Sluice::start_with(&mock.url(), &config(30, Some(&redis), "")).await;
+    let b = Sluice::start_with(&mock.url(), &config(30, Some(&redis), "")).await;
+    warm(&[&a, &b]).await;
+    // Both replicas have said they are alive (a heartbeat a second).
+    shows(&a, "sluice_shared_replicas 2", Duration::from_secs(5)).await;
+    redis.kill();
+    // The first call fails (and opens the breaker); then a admits from its share: 30 / 2.
+    let statuses = burst(&[&a], 30, "0.3").await;
+    let admitted = ok(&statuses);
+    assert!(
+        (13..=17).contains(&admitted),
+        "{admitted} admitted while degraded: {statuses:?}"
+    );
+    assert!(metrics_text(&a).await.contains("sluice_shared_store_up 0"));
+    redis.restart().await;
+    shows(&a, "sluice_shared_store_up 1", Duration::from_secs(10)).await;
+    assert_eq!(post(&a, "5").await.status(), 200);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_with_a_clear_503_while_the_store_is_down() {
+    let mut redis = Redis::start().await;
+    let mock = upstream(1000).await;
+    let a = Sluice::start_with(
+        &mock.url(),
+        &config(600, Some(&redis), "on_store_error = \"fail_closed\"\n"),
+    )
+    .await;
+    warm(&[&a]).await;
+    redis.kill();
+    let sent = mock.stats().requests;
+    let response = post(&a, "1").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let error = assert_sluice_error(&response.bytes().await.unwrap());
+    assert_eq!(error["code"], "shared_store_unavailable");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("shared.redis_url"),
+        "{error}"
+    );
+    assert_eq!(mock.stats().requests, sent, "nothing went upstream");
+    a.stop().await;
+}
