@@ -49,6 +49,10 @@ COUNTERS_AND_GAUGES = {
     "sluice_buckets": set(),
     "sluice_buckets_evicted_total": set(),
     "sluice_bucket_cap_reached_total": {"outcome"},
+    # Only with a shared store ([shared] redis_url).
+    "sluice_shared_store_up": set(),
+    "sluice_shared_store_errors_total": {"kind"},
+    "sluice_shared_replicas": set(),
 }
 HISTOGRAMS = {
     "sluice_queue_wait_seconds": {"org", "model"},
@@ -56,6 +60,7 @@ HISTOGRAMS = {
     "sluice_upstream_duration_seconds": {"org", "model", "endpoint"},
     "sluice_upstream_ttfb_seconds": {"org", "model", "endpoint"},
     "sluice_overhead_seconds": set(),
+    "sluice_shared_store_duration_seconds": set(),
 }
 
 

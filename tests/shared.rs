@@ -271,3 +271,43 @@ async fn fail_closed_refuses_with_a_clear_503_while_the_store_is_down() {
     assert_eq!(mock.stats().requests, sent, "nothing went upstream");
     a.stop().await;
 }
+
+/// A "Redis" that accepts connections and never answers: every call would hang.
+async fn silent_store() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_store_that_never_answers_is_given_up_on_and_requests_go_on() {
+    let store = silent_store().await;
+    let mock = upstream(1000).await;
+    let toml = format!(
+        "[shared]\nredis_url = \"redis://{store}/0\"\nstore_timeout_secs = 0.02\n\n\
+         [[org]]\nname = \"acme\"\nkeys = [\"{KEY}\"]\n[org.limits.\"*\"]\nrpm = 600\n"
+    );
+    let a = Sluice::start_with(&mock.url(), &toml).await;
+    for _ in 0..5 {
+        assert_eq!(post(&a, "5").await.status(), 200);
+    }
+    let metrics = metrics_text(&a).await;
+    assert!(metrics.contains("sluice_shared_store_up 0"), "{metrics}");
+    // The hung calls timed out (the first admission, and a heartbeat or two); once the
+    // breaker opened, the other admissions were not attempted: fewer timeouts than requests.
+    let timeouts = metrics
+        .lines()
+        .find(|line| line.starts_with("sluice_shared_store_errors_total{kind=\"timeout\"}"))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!((1..5).contains(&timeouts), "{timeouts} timeouts: {metrics}");
+    assert_eq!(mock.stats().requests, 5, "every request went upstream once");
+    a.stop().await;
+}

@@ -249,17 +249,15 @@ impl Budget {
         let mut answer = store
             .admit(&shared.key, cost, keep, in_hand, Mode::New, &specs)
             .await;
-        if let Ok(Admission::Wait {
-            wait,
-            unproven: true,
-        }) = answer
-        {
+        if let Ok(Admission::Wait { unproven: true, .. }) = answer {
             // Beyond the proven burst: one request goes to prove it (a gate probe already
             // going proves it as well as any), the others wait for its answer or the refill.
             if probe.is_none() {
                 let mut state = self.lock();
                 if !state.gate.burst_probe_free() {
-                    return Go::At(now + wait);
+                    // This replica's proof is out: its answer (which wakes the line) says
+                    // more than the refill, which other replicas' spending may have slowed.
+                    return Go::Hold;
                 }
                 state.gate.claim(Some(Probe::Burst), now);
                 proof = Some(Probe::Burst);
