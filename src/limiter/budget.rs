@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::limiter::bucket::{Bucket, Cost, Limits, MeterSpec, Oversize, Shortfall};
+use crate::limiter::bucket::{Bucket, Cost, Limits, MeterSpec, Oversize, Shortfall, BURST_RETRY};
 use crate::limiter::gate::{Gate, Pass, Probe, ProbeOutcome};
 use crate::priority::Priority;
 use crate::resource::{PerResource, Resource};
@@ -661,7 +661,13 @@ impl Budget {
             state.gate.finish_probe(probe, ProbeOutcome::RateLimited);
         }
         match rate_limited.evidence {
-            Evidence::Burst(resource) => state.bucket.burst_refused(resource, now),
+            Evidence::Burst(resource) => {
+                state.bucket.burst_refused(resource, now);
+                // The upstream's burst is the same for every replica.
+                self.spawn_on_store(state.bucket.specs(), |store, key, specs| async move {
+                    store.shrink(&key, &specs, BURST_RETRY).await
+                });
+            }
             Evidence::Contention => state.bucket.contended(now),
             Evidence::Nothing => {}
         }

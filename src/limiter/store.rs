@@ -4,7 +4,7 @@
 //! Every admission is one round trip: a server-side script (`scripts/admit.lua`) that takes
 //! a request's whole cost from every limit of its bucket or none of them, on the server's
 //! clock (`TIME`, so replicas' clocks never matter), and says on refusal how long until it
-//! would fit, and whether a burst another replica proved needs no proof. A settlement (`scripts/settle.lua`) is applied once per reservation: it first
+//! would fit, whether a burst another replica proved needs no proof, and the smaller burst another replica's 429 showed (`scripts/shrink.lua`). A settlement (`scripts/settle.lua`) is applied once per reservation: it first
 //! sets a marker for the reservation's id (`SET NX`), so a settle that is retried or replayed
 //! never charges twice. A 429's pause (`scripts/pause.lua`) holds for every replica.
 //!
@@ -189,6 +189,7 @@ pub(crate) struct Store {
     settle: Script,
     pause: Script,
     prove: Script,
+    shrink: Script,
     heartbeat: Script,
     breaker: Mutex<Breaker>,
     up: AtomicBool,
@@ -221,6 +222,7 @@ impl Store {
             settle: Script::new(include_str!("scripts/settle.lua")),
             pause: Script::new(include_str!("scripts/pause.lua")),
             prove: Script::new(include_str!("scripts/prove.lua")),
+            shrink: Script::new(include_str!("scripts/shrink.lua")),
             heartbeat: Script::new(include_str!("scripts/heartbeat.lua")),
             breaker: Mutex::new(Breaker::default()),
             up: AtomicBool::new(true),
@@ -406,6 +408,23 @@ impl Store {
         let mut invocation = self.prove.key(key);
         invocation.arg(ttl_ms(meters));
         for meter in meters {
+            invocation.arg(meter.name()).arg(meter.burst);
+        }
+        let _: i64 = self.call(&invocation, false).await?;
+        Ok(())
+    }
+
+    /// Records the smaller burst a 429 showed (a quantized limit) for every limit in `meters`
+    /// whose burst is below its capacity, and empties it, for every replica, for `hold`.
+    pub(crate) async fn shrink(
+        &self,
+        key: &str,
+        meters: &[MeterSpec],
+        hold: Duration,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.shrink.key(key);
+        invocation.arg(ttl_ms(meters)).arg(hold.as_secs_f64());
+        for meter in meters.iter().filter(|meter| meter.burst < meter.capacity) {
             invocation.arg(meter.name()).arg(meter.burst);
         }
         let _: i64 = self.call(&invocation, false).await?;
@@ -701,6 +720,52 @@ mod tests {
             Admission::Paused(wait) => assert!(wait > Duration::from_millis(1800), "{wait:?}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_burst_one_replica_found_smaller_caps_every_replica() {
+        let redis = Redis::start();
+        let store = redis.store();
+        let key = store.bucket_key("acme", "gpt-4o");
+        let rpm = |burst| {
+            vec![MeterSpec {
+                resource: Resource::Requests,
+                window: MINUTE,
+                capacity: 240.0,
+                burst,
+                unproven: false,
+            }]
+        };
+        let one = Cost {
+            requests: 1,
+            tokens: 0,
+        };
+        // The replica that saw the 429 shrank its burst to 4 and empties it, for everyone.
+        store
+            .shrink(&key, &rpm(4.0), Duration::from_secs(60))
+            .await
+            .expect("shrunk");
+        // Another replica still believes in the whole 240: it waits for the refill (4 per
+        // second) like the first, instead of sending a burst into the quantized limit.
+        match store
+            .admit(&key, one, 0.0, 0.0, Mode::New, &rpm(240.0))
+            .await
+            .expect("answered")
+        {
+            Admission::Wait { wait, .. } => {
+                assert!(wait <= Duration::from_millis(260), "{wait:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let level = level(
+            store
+                .admit(&key, one, 0.0, 0.0, Mode::New, &rpm(240.0))
+                .await
+                .expect("admitted"),
+        );
+        // Refilled to at most the shrunk burst of 4, less this request.
+        assert!(level <= 3.0, "{level}");
     }
 
     #[tokio::test]

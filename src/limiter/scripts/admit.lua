@@ -28,6 +28,12 @@ while i + 5 <= #ARGV do
   local capacity = tonumber(ARGV[i + 2])
   local rate = capacity / tonumber(ARGV[i + 3])
   local burst = tonumber(ARGV[i + 4])
+  -- A burst another replica found smaller (a quantized limit) holds for this one too.
+  local shrunk = tonumber(redis.call('HGET', key, 'bs:' .. name) or '')
+  if shrunk ~= nil and shrunk < burst
+    and (tonumber(redis.call('HGET', key, 'bsu:' .. name) or '') or 0) > now then
+    burst = shrunk
+  end
   -- A burst another replica proved needs no proof here.
   local unproven = ARGV[i + 5] == '1'
     and (tonumber(redis.call('HGET', key, 'pv:' .. name) or '') or 0) < burst
