@@ -8,10 +8,14 @@ Everything targets 127.0.0.1, and every run is bounded by --duration.
 
     python3 bench/load.py [--duration 8] [--rounds 3] [--latency-duration 4] [--latency-rounds 7]
                           [--skip-build] [--sluice-arg=--config=FILE ...] [--scrape-interval 1]
-                          [--baseline OLD/sluice]
+                          [--baseline OLD/sluice] [--redis-url redis://127.0.0.1:6379/0]
 
 With --baseline, a second sluice binary (an older build) runs against the same mock and is
 measured in the same rounds, so a change is compared side by side rather than across runs.
+
+With --redis-url, a second sluice with the same arguments shares its buckets through that
+Redis, measured in the same rounds: the cost of the shared store (one admission round trip
+per request, one settlement round trip off the request's path).
 
 With --scrape-interval, sluice is measured a second time in each round while a scraper
 fetches its /metrics every that many seconds (as Prometheus would), to show what scraping
@@ -212,6 +216,9 @@ def main():
     parser.add_argument("--sluice-arg", action="append", default=[], help="extra argument for sluice")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="also measure this sluice binary (an older build, say), side by side")
+    parser.add_argument("--redis-url", default=None,
+                        help="also measure sluice sharing its buckets through this Redis (same "
+                             "--sluice-arg; use a config with limits, e.g. bench/admission.toml)")
     parser.add_argument("--scrape-interval", type=float, default=None,
                         help="also measure sluice while /metrics is scraped this often (seconds)")
     args = parser.parse_args()
@@ -243,6 +250,14 @@ def main():
             )
             procs.append(baseline)
             targets[f"sluice (baseline {args.baseline})"] = baseline_addr
+        if args.redis_url:
+            shared, shared_addr = start(
+                [RELEASE / "sluice", "--listen", "127.0.0.1:0", "--upstream", f"http://{mock_addr}",
+                 *args.sluice_arg, "--redis-url", args.redis_url],
+                "stderr", workdir / "shared.log", env={"SLUICE_CONFIG": ""},
+            )
+            procs.append(shared)
+            targets["sluice (shared store)"] = shared_addr
         scraped = None
         if args.scrape_interval:
             scraped = f"sluice, /metrics every {args.scrape_interval:g} s"
