@@ -309,6 +309,11 @@ impl Bucket {
         }
     }
 
+    /// Whether any limit meters this bucket.
+    pub(crate) fn is_limited(&self) -> bool {
+        !self.meters.is_empty()
+    }
+
     /// Its limits as a shared store keeps them: capacity, burst and whether it is proven.
     pub(crate) fn specs(&self) -> Vec<MeterSpec> {
         self.meters

@@ -224,15 +224,16 @@ impl Budget {
                 Pass::Until(until) => return Go::At(until),
                 Pass::Hold => return Go::Hold,
             };
-            let specs = state.bucket.specs();
+            // In memory (no store, or nothing to share: a bucket still learning its limits),
+            // without building the store's view of the limits.
             let shared = match &self.shared {
-                // Nothing to share without limits (a bucket still learning them).
-                Some(shared) if !specs.is_empty() => shared,
+                Some(shared) if state.bucket.is_limited() => shared,
                 _ => {
                     let State { bucket, gate, .. } = &mut *state;
                     return take_from(bucket, gate, probe, cost, keep, now, false);
                 }
             };
+            let specs = state.bucket.specs();
             if let Err(never) = state.bucket.fits_ever(cost) {
                 return Go::Never(never);
             }
@@ -351,13 +352,13 @@ impl Budget {
                 Pass::Until(until) => return Again::At(until),
                 Pass::Hold => return Again::Hold,
             };
-            let specs = state.bucket.specs();
+            let limited = state.bucket.is_limited();
             match &self.shared {
-                Some(shared) if !specs.is_empty() && shared.store.is_up() => {
+                Some(shared) if limited && shared.store.is_up() => {
                     state.gate.claim(probe, now);
-                    (shared, probe, specs, state.bucket.in_hand())
+                    (shared, probe, state.bucket.specs(), state.bucket.in_hand())
                 }
-                Some(shared) if !specs.is_empty() => {
+                Some(shared) if limited => {
                     if shared.store.on_error() == OnStoreError::FailClosed {
                         // Holding its reservation, the replay waits for the store instead.
                         return Again::At(now + STORE_RETRY);
@@ -421,9 +422,12 @@ impl Budget {
             bucket.charge(cost, now);
         }
         tracing::trace!(ticket = ticket.id, ?cost, refund, "settled");
-        let specs = state.bucket.specs();
+        let specs = match (&self.shared, ticket.shared) {
+            (Some(_), true) => state.bucket.specs(),
+            _ => return refund,
+        };
         drop(state);
-        if let (Some(shared), true) = (&self.shared, ticket.shared) {
+        if let Some(shared) = &self.shared {
             let store = Arc::clone(&shared.store);
             let key = shared.key.clone();
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -605,7 +609,8 @@ impl Budget {
             state.gate.finish_probe(probe, ProbeOutcome::Answered);
             if probe == Probe::Burst && !state.bucket.is_proven() {
                 state.bucket.burst_proven();
-                self.spawn_on_store(state.bucket.specs(), |store, key, specs| async move {
+                let specs = self.shared.as_ref().map(|_| state.bucket.specs());
+                self.spawn_on_store(specs, |store, key, specs| async move {
                     store.prove(&key, &specs).await
                 });
                 tracing::debug!(
@@ -619,12 +624,14 @@ impl Budget {
 
     /// Tells the shared store what this replica learned (`call`), off the request's path;
     /// nothing without a store, while it is down, or for a bucket without limits.
-    fn spawn_on_store<F, Fut>(&self, specs: Vec<MeterSpec>, call: F)
+    fn spawn_on_store<F, Fut>(&self, specs: Option<Vec<MeterSpec>>, call: F)
     where
         F: FnOnce(Arc<Store>, String, Vec<MeterSpec>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
     {
-        let Some(shared) = &self.shared else { return };
+        let (Some(shared), Some(specs)) = (&self.shared, specs) else {
+            return;
+        };
         if specs.is_empty() || !shared.store.is_up() {
             return;
         }
@@ -664,7 +671,8 @@ impl Budget {
             Evidence::Burst(resource) => {
                 state.bucket.burst_refused(resource, now);
                 // The upstream's burst is the same for every replica.
-                self.spawn_on_store(state.bucket.specs(), |store, key, specs| async move {
+                let specs = self.shared.as_ref().map(|_| state.bucket.specs());
+                self.spawn_on_store(specs, |store, key, specs| async move {
                     store.shrink(&key, &specs, BURST_RETRY).await
                 });
             }
@@ -679,7 +687,8 @@ impl Budget {
         // One replica's 429 pauses the bucket for all, until the same hint.
         let wait = rate_limited.resume.saturating_duration_since(now);
         if !wait.is_zero() {
-            self.spawn_on_store(state.bucket.specs(), move |store, key, specs| async move {
+            let specs = self.shared.as_ref().map(|_| state.bucket.specs());
+            self.spawn_on_store(specs, move |store, key, specs| async move {
                 store.pause(&key, wait, &specs).await.map(|_| ())
             });
         }
