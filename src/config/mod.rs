@@ -373,6 +373,7 @@ impl Config {
             server.max_buffered_body_bytes,
             "server.max_buffered_body_bytes"
         );
+        keep!(shared, "shared");
         keep!(upstream.base_url, "upstream.url");
         keep!(upstream.connect_timeout, "upstream.connect_timeout_secs");
         keep!(upstream.read_timeout, "upstream.read_timeout_secs");

@@ -474,7 +474,13 @@ fn validate_shared(
     overrides: &Overrides,
     issues: &mut Issues,
 ) -> Option<SharedConfig> {
-    let (url, key) = match (&overrides.redis_url, &raw.redis_url) {
+    // An empty SLUICE_REDIS_URL reads as "not set" (as an empty variable usually does), so it
+    // never hides the file's URL and quietly gives each replica the whole budget.
+    let flag = overrides
+        .redis_url
+        .as_ref()
+        .filter(|url| !url.trim().is_empty());
+    let (url, key) = match (flag, &raw.redis_url) {
         (Some(url), _) => (
             url,
             "shared.redis_url (from --redis-url / SLUICE_REDIS_URL)",
@@ -487,17 +493,13 @@ fn validate_shared(
             {
                 issues.add(
                     "shared",
-                    "settings without a redis_url do nothing: set shared.redis_url (or                      SLUICE_REDIS_URL) to share limits, or remove the [shared] section"
+                    "settings without a redis_url do nothing: set shared.redis_url (or SLUICE_REDIS_URL) to share limits, or remove the [shared] section"
                         .to_owned(),
                 );
             }
             return None;
         }
     };
-    if url.trim().is_empty() {
-        // An empty SLUICE_REDIS_URL reads as "not set", as an empty variable usually does.
-        return None;
-    }
     match url::Url::parse(url) {
         Ok(parsed) if matches!(parsed.scheme(), "redis" | "rediss") && parsed.has_host() => {}
         _ => issues.add(

@@ -41,6 +41,11 @@ use crate::config::OnStoreError;
 /// How soon a replay asks again when the shared store failed it.
 const STORE_RETRY: Duration = Duration::from_millis(100);
 
+/// How long a settle that failed is tried again (its marker outlives it: see the store).
+const SETTLE_PATIENCE: Duration = Duration::from_secs(10);
+/// How often within it (the breaker stays open 0.5 s at first).
+const SETTLE_RETRY: Duration = Duration::from_millis(500);
+
 /// Hands out reservation ids; unique within the process.
 static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
 
@@ -237,7 +242,7 @@ impl Budget {
             if let Err(never) = state.bucket.fits_ever(cost) {
                 return Go::Never(never);
             }
-            if !shared.store.is_up() {
+            if !shared.store.usable() {
                 return self.take_degraded(&mut state, shared, probe, cost, keep, now);
             }
             // Claimed before the round trip, so no other request takes the same probe
@@ -245,8 +250,13 @@ impl Budget {
             state.gate.claim(probe, now);
             (shared, probe, specs, state.bucket.in_hand())
         };
+        // Gives the probes back if the admission does not complete, also when this future is
+        // dropped during a round trip (the client left).
+        let mut claimed = Claimed {
+            budget: self,
+            probes: [probe, None],
+        };
         let store = &shared.store;
-        let mut proof = None;
         let mut answer = store
             .admit(&shared.key, cost, keep, in_hand, Mode::New, &specs)
             .await;
@@ -261,22 +271,22 @@ impl Budget {
                     return Go::Hold;
                 }
                 state.gate.claim(Some(Probe::Burst), now);
-                proof = Some(Probe::Burst);
+                claimed.probes[1] = Some(Probe::Burst);
             }
             answer = store
                 .admit(&shared.key, cost, keep, in_hand, Mode::Proof, &specs)
                 .await;
         }
-        let mut state = self.lock();
-        let going = probe.or(proof);
+        let going = probe.or(claimed.probes[1]);
         if let Ok(Admission::Taken { levels }) = &answer {
+            claimed.probes = [None, None];
+            let mut state = self.lock();
             state.bucket.mirror(levels, now);
             state.degraded = None;
             return Go::Now(Ticket::next(true), going);
         }
-        if let Some(probe) = going {
-            state.gate.finish_probe(probe, ProbeOutcome::Abandoned);
-        }
+        drop(claimed);
+        let mut state = self.lock();
         match answer {
             Ok(Admission::Wait { wait, .. }) => Go::At(now + wait),
             Ok(Admission::Paused(wait)) => {
@@ -378,18 +388,21 @@ impl Budget {
                 }
             }
         };
+        let mut claimed = Claimed {
+            budget: self,
+            probes: [probe, None],
+        };
         let answer = shared
             .store
             .admit(&shared.key, again, 0.0, in_hand, Mode::Again, &specs)
             .await;
-        let mut state = self.lock();
         if let Ok(Admission::Taken { levels }) = &answer {
-            state.bucket.mirror(levels, now);
+            claimed.probes = [None, None];
+            self.lock().bucket.mirror(levels, now);
             return Again::Now(probe);
         }
-        if let Some(probe) = probe {
-            state.gate.finish_probe(probe, ProbeOutcome::Abandoned);
-        }
+        drop(claimed);
+        let mut state = self.lock();
         match answer {
             Ok(Admission::Wait { wait, .. }) => Again::At(now + wait),
             Ok(Admission::Paused(wait)) => {
@@ -432,14 +445,24 @@ impl Budget {
             let key = shared.key.clone();
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    for _ in 0..2 {
+                    // A failed settle is tried again once the breaker lets calls through (the
+                    // store's marker makes a repeat harmless), for up to SETTLE_PATIENCE.
+                    let mut tries = SETTLE_PATIENCE.as_millis() / SETTLE_RETRY.as_millis();
+                    loop {
                         match store.settle(&key, ticket.id, &specs, cost, refund).await {
                             Ok(_) => return,
-                            Err(err) => tracing::debug!(
-                                error = ?err,
-                                ticket = ticket.id,
-                                "shared settle failed"
-                            ),
+                            Err(err) if tries == 0 => {
+                                tracing::debug!(
+                                    error = ?err,
+                                    ticket = ticket.id,
+                                    "shared settle given up"
+                                );
+                                return;
+                            }
+                            Err(_) => {
+                                tries -= 1;
+                                tokio::time::sleep(SETTLE_RETRY).await;
+                            }
                         }
                     }
                 });
@@ -762,6 +785,27 @@ impl Budget {
     #[cfg(test)]
     pub(crate) fn prove_burst(&self) {
         self.lock().bucket.burst_proven();
+    }
+}
+
+/// Probes a request claimed before a round trip to the shared store: given back to the gate
+/// (as abandoned) unless the admission completed, however the round trip ends, also when its
+/// future is dropped midway. Without it, a cancelled request would hold the circuit's or the
+/// burst's probe for good.
+struct Claimed<'a> {
+    budget: &'a Budget,
+    probes: [Option<Probe>; 2],
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        if self.probes.iter().all(Option::is_none) {
+            return;
+        }
+        let mut state = self.budget.lock();
+        for probe in self.probes.into_iter().flatten() {
+            state.gate.finish_probe(probe, ProbeOutcome::Abandoned);
+        }
     }
 }
 

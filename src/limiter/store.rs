@@ -265,6 +265,19 @@ impl Store {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Whether the store is in use now; while the breaker is open, counts the call the
+    /// caller skips as a `down` error.
+    pub(crate) fn usable(&self) -> bool {
+        let up = self.is_up();
+        if !up {
+            self.metrics
+                .errors
+                .with_label_values(&[StoreError::Down.label()])
+                .inc();
+        }
+        up
+    }
+
     /// What a replica does while the store is down.
     pub(crate) fn on_error(&self) -> OnStoreError {
         self.on_error

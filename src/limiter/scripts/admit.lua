@@ -72,7 +72,10 @@ local function save(take)
     redis.call('HSET', key, 'l:' .. m[1], tostring(level), 'c:' .. m[1], tostring(m[3]))
   end
   redis.call('HSET', key, 'u', tostring(now))
-  redis.call('PEXPIRE', key, ARGV[6])
+  -- Only ever lengthened: a pause (or another replica's longer window) keeps its TTL.
+  if redis.call('PTTL', key) < tonumber(ARGV[6]) then
+    redis.call('PEXPIRE', key, ARGV[6])
+  end
 end
 if wait > 0 then
   save(false)

@@ -27,5 +27,8 @@ while i + 4 <= #ARGV do
   i = i + 5
 end
 redis.call('HSET', key, 'u', tostring(now))
-redis.call('PEXPIRE', key, ARGV[2])
+-- Only ever lengthened: a pause (or another replica's longer window) keeps its TTL.
+if redis.call('PTTL', key) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', key, ARGV[2])
+end
 return 1
