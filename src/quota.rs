@@ -1,6 +1,7 @@
 //! Orgs out of quota. A quota or billing 429 (`insufficient_quota` and its kin) never clears
 //! by retrying, so for a cool-down after one, the org's requests are answered with the same
-//! error at once, without calling the upstream.
+//! error at once, without calling the upstream. With a shared store, every replica cools the
+//! org down: one replica's quota error reaches the others with their next heartbeat.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,8 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
+
+use crate::limiter::store::Store;
 
 /// The upstream's answer that put an org in cool-down, replayed to its next requests.
 #[derive(Clone, Debug)]
@@ -25,9 +28,19 @@ pub struct Exhausted {
     /// Whether any org is in cool-down: requests skip the lock while none is.
     any: AtomicBool,
     orgs: Mutex<HashMap<Arc<str>, QuotaError>>,
+    /// Where the other replicas hear of a cool-down.
+    store: Option<Arc<Store>>,
 }
 
 impl Exhausted {
+    /// Cool-downs shared through `store`, when there is one.
+    pub(crate) fn new(store: Option<Arc<Store>>) -> Self {
+        Self {
+            store,
+            ..Self::default()
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, QuotaError>> {
         self.orgs
             .lock()
@@ -62,6 +75,15 @@ impl Exhausted {
         cooldown: Duration,
         now: Instant,
     ) {
+        if let (Some(store), Ok(runtime)) = (&self.store, tokio::runtime::Handle::try_current()) {
+            let store = Arc::clone(store);
+            let (org, body) = (Arc::clone(org), body.clone());
+            runtime.spawn(async move {
+                if let Err(err) = store.quota(&org, cooldown, status, &body).await {
+                    tracing::debug!(error = ?err, "sharing the quota cool-down failed");
+                }
+            });
+        }
         let mut orgs = self.lock();
         orgs.insert(
             Arc::clone(org),
@@ -70,6 +92,51 @@ impl Exhausted {
                 headers,
                 body,
                 until: now + cooldown,
+            },
+        );
+        self.any.store(true, Ordering::Relaxed);
+    }
+
+    /// Another replica put `org` in cool-down, `left` to go, after the upstream answered it
+    /// `status` with `body`. A longer cool-down already here stands.
+    pub(crate) fn heard(
+        &self,
+        org: &str,
+        status: StatusCode,
+        body: Bytes,
+        left: Duration,
+        now: Instant,
+    ) {
+        let until = now + left;
+        let mut orgs = self.lock();
+        // This replica's own cool-down comes back from the store too, a moment later.
+        if orgs
+            .get(org)
+            .is_some_and(|error| error.until + Duration::from_secs(1) >= until)
+        {
+            return;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        if !orgs.contains_key(org) {
+            tracing::warn!(
+                org,
+                cooldown_secs = left.as_secs_f64(),
+                "another replica found the upstream quota exhausted; answering this org's \
+                 requests from the cool-down"
+            );
+        }
+        orgs.insert(
+            Arc::from(org),
+            QuotaError {
+                status,
+                headers,
+                body,
+                until,
             },
         );
         self.any.store(true, Ordering::Relaxed);

@@ -127,6 +127,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
         upstream: Some(state.live().config.upstream.base_url.clone()),
         draining: Some(state.is_draining()),
         quota_cooldowns,
+        shared_store: state.limiter.store().map(|store| store.report()),
         buckets,
     };
     let body = match serde_json::to_string(&document) {

@@ -64,7 +64,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub limiter: Limiter,
     /// Orgs in quota cool-down.
-    pub exhausted: Exhausted,
+    pub exhausted: Arc<Exhausted>,
     /// Bounds retries of failed requests to a share of the traffic.
     pub retry_budget: RetryBudget,
     pub tokenizers: Arc<Tokenizers>,
@@ -98,18 +98,19 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let store = match &config.shared {
             Some(shared) => {
-                let store =
-                    Store::new(shared, metrics.registry()).map_err(StartError::SharedStore)?;
-                store.start();
-                Some(store)
+                Some(Store::new(shared, metrics.registry()).map_err(StartError::SharedStore)?)
             }
             None => None,
         };
+        let exhausted = Arc::new(Exhausted::new(store.clone()));
+        if let Some(store) = &store {
+            store.start(&exhausted);
+        }
         Ok(Self {
             upstream,
             metrics,
             limiter: Limiter::new(&config.queue, config.retry.circuit_threshold, store),
-            exhausted: Exhausted::default(),
+            exhausted,
             retry_budget: RetryBudget::new(
                 config.retry.budget_ratio,
                 config.retry.budget_min_per_sec,

@@ -246,11 +246,30 @@ async fn a_store_that_goes_away_degrades_to_a_share_and_comes_back() {
         .get_connection()
         .unwrap();
     let sent: Option<u64> = redis::cmd("HGET")
-        .arg("sluice:{acme/gpt-4o-mini}:b")
+        .arg("sluice:{acme}:b:gpt-4o-mini")
         .arg("s")
         .query(&mut redis_conn)
         .unwrap();
     assert_eq!(sent, Some(1), "admissions counted by the restarted store");
+    // What a spent from its share while degraded is charged to the shared bucket on its way
+    // back (the restarted store would otherwise believe the whole limit unspent).
+    let mut level = f64::MAX;
+    for _ in 0..50 {
+        let stored: Option<f64> = redis::cmd("HGET")
+            .arg("sluice:{acme}:b:gpt-4o-mini")
+            .arg("l:rm")
+            .query(&mut redis_conn)
+            .unwrap();
+        level = stored.unwrap_or(f64::MAX);
+        if level < 20.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        level < 20.0,
+        "the degraded spend reached the store: level {level} of 30"
+    );
     a.stop().await;
     b.stop().await;
 }
@@ -328,4 +347,176 @@ async fn a_store_that_never_answers_is_given_up_on_and_requests_go_on() {
     assert!(count("down") >= 1, "{metrics}");
     assert_eq!(mock.stats().requests, 5, "every request went upstream once");
     a.stop().await;
+}
+
+/// A connection to the test's Redis, to look at what the replicas stored.
+fn redis_conn(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+fn hget(conn: &mut redis::Connection, key: &str, field: &str) -> Option<String> {
+    redis::cmd("HGET").arg(key).arg(field).query(conn).unwrap()
+}
+
+const BUCKET: &str = "sluice:{acme}:b:gpt-4o-mini";
+
+/// One org with no limits configured: sluice learns them from the upstream's headers.
+fn learning_config(redis: &Redis) -> String {
+    format!(
+        "[shared]\nredis_url = \"{}\"\n\n[[org]]\nname = \"acme\"\nkeys = [\"{KEY}\"]\n",
+        redis.url()
+    )
+}
+
+#[tokio::test]
+async fn a_limit_learned_by_one_replica_is_used_by_the_others() {
+    let redis = Redis::start().await;
+    let mut conn = redis_conn(&redis);
+    let mock = upstream(20).await;
+    let a = Sluice::start_with(&mock.url(), &learning_config(&redis)).await;
+    let b = Sluice::start_with(&mock.url(), &learning_config(&redis)).await;
+    // a's first request goes alone and learns rpm = 20 from the headers; a publishes it.
+    assert_eq!(post(&a, "5").await.status(), 200);
+    eventually(Duration::from_secs(5), "a published rpm 20", || {
+        hget(&mut conn, BUCKET, "ll:rm").as_deref() == Some("20")
+    })
+    .await;
+    // b never sent anything: its first request already spends from the shared bucket, with
+    // the limit a learned (it is admitted through the store, not sent alone to learn).
+    assert_eq!(post(&b, "5").await.status(), 200);
+    let status = status_json(&b).await;
+    let bucket = &status["buckets"][0];
+    assert_eq!(bucket["limits"]["in_force"]["rpm"], 20, "{bucket}");
+    assert_eq!(bucket["learning"], false, "{bucket}");
+    assert_eq!(bucket["sharing"], "shared", "{bucket}");
+    assert_eq!(status["shared_store"]["up"], true, "{status}");
+    let sent = hget(&mut conn, BUCKET, "s");
+    assert_eq!(
+        sent.as_deref(),
+        Some("1"),
+        "b's request was admitted by the store"
+    );
+    // Together they spend the 20: the 18 left between them, not 20 each.
+    let statuses = burst(&[&a, &b], 30, "0.3").await;
+    let admitted = ok(&statuses);
+    assert!(
+        (15..=19).contains(&admitted),
+        "{admitted} admitted: {statuses:?}"
+    );
+    assert_eq!(
+        mock.stats().rate_limited,
+        0,
+        "{:?}",
+        mock.stats().status_counts
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn another_clients_spending_seen_by_one_replica_holds_back_all() {
+    let redis = Redis::start().await;
+    let mock = upstream(30).await;
+    let a = Sluice::start_with(&mock.url(), &config(30, Some(&redis), "")).await;
+    let b = Sluice::start_with(&mock.url(), &config(30, Some(&redis), "")).await;
+    warm(&[&a, &b]).await;
+    // Someone else spends 20 of the org's 30 behind sluice's back.
+    let org = mock_openai::org_for_key(KEY);
+    mock.spend(&org, "gpt-4o-mini", 20, 0);
+    // a's next answer shows it (remaining 5): the shared bucket is lowered for b too, less
+    // nothing double-counted (what the replicas sent before it is in the upstream's figure).
+    assert_eq!(post(&a, "5").await.status(), 200);
+    let mut conn = redis_conn(&redis);
+    eventually(
+        Duration::from_secs(5),
+        "the store's level was corrected",
+        || {
+            hget(&mut conn, BUCKET, "l:rm")
+                .and_then(|level| level.parse::<f64>().ok())
+                .is_some_and(|level| level < 8.0)
+        },
+    )
+    .await;
+    let statuses = burst(&[&b], 20, "0.3").await;
+    let admitted = ok(&statuses);
+    assert!(
+        (3..=7).contains(&admitted),
+        "{admitted} admitted: {statuses:?}"
+    );
+    assert_eq!(
+        mock.stats().rate_limited,
+        0,
+        "{:?}",
+        mock.stats().status_counts
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn one_replicas_quota_error_cools_the_org_down_on_every_replica() {
+    let redis = Redis::start().await;
+    let mock = upstream(1000).await;
+    let a = Sluice::start_with(&mock.url(), &config(600, Some(&redis), "")).await;
+    let b = Sluice::start_with(&mock.url(), &config(600, Some(&redis), "")).await;
+    warm(&[&a, &b]).await;
+    mock.inject(FaultRule::once(Fault::InsufficientQuota));
+    let response = post(&a, "5").await;
+    assert_eq!(response.status(), 429);
+    let before = mock.stats().requests;
+    // b hears of it with its next heartbeat (within a second or two), then answers this
+    // org's requests itself, with the upstream's error, sending nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = status_json(&b).await;
+        if status["quota_cooldowns"][0]["org"] == "acme" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let response = post(&b, "5").await;
+    assert_eq!(response.status(), 429);
+    let error = assert_openai_error(&response.bytes().await.unwrap());
+    assert_eq!(error["code"], "insufficient_quota", "{error}");
+    assert_eq!(mock.stats().requests, before, "b sent nothing upstream");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_store_restarted_empty_gets_the_learned_limits_back() {
+    let mut redis = Redis::start().await;
+    let mock = upstream(20).await;
+    let a = Sluice::start_with(&mock.url(), &learning_config(&redis)).await;
+    assert_eq!(post(&a, "5").await.status(), 200);
+    let mut conn = redis_conn(&redis);
+    eventually(Duration::from_secs(5), "a published rpm 20", || {
+        hget(&mut conn, BUCKET, "ll:rm").as_deref() == Some("20")
+    })
+    .await;
+    redis.kill();
+    redis.restart().await;
+    shows(&a, "sluice_shared_store_up 1", Duration::from_secs(10)).await;
+    // The scripts are loaded again (the client retries a missing script with its source)
+    // and the next admissions republish what a learned, for replicas that start now.
+    let mut conn = redis_conn(&redis);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while hget(&mut conn, BUCKET, "ll:rm").as_deref() != Some("20") {
+        assert!(tokio::time::Instant::now() < deadline, "never republished");
+        assert_eq!(post(&a, "5").await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = Sluice::start_with(&mock.url(), &learning_config(&redis)).await;
+    assert_eq!(post(&b, "5").await.status(), 200);
+    let status = status_json(&b).await;
+    assert_eq!(
+        status["buckets"][0]["limits"]["in_force"]["rpm"], 20,
+        "{status}"
+    );
+    a.stop().await;
+    b.stop().await;
 }

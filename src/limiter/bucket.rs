@@ -328,6 +328,30 @@ impl Bucket {
             .collect()
     }
 
+    /// The levels now, in the order of [`Bucket::specs`].
+    pub(crate) fn levels(&mut self, now: Instant) -> Vec<f64> {
+        self.refill(now);
+        self.meters.iter().map(|meter| meter.level).collect()
+    }
+
+    /// What was taken from the per-minute limits and has not refilled yet (the burst less
+    /// the level, at least nothing).
+    pub(crate) fn unrefilled(&mut self, now: Instant) -> Cost {
+        self.refill(now);
+        let mut spent = Cost {
+            requests: 0,
+            tokens: 0,
+        };
+        for meter in self.meters.iter().filter(|meter| meter.window == MINUTE) {
+            let units = (meter.burst - meter.level).max(0.0).round() as u64;
+            match meter.resource {
+                Resource::Requests => spent.requests = units,
+                Resource::Tokens => spent.tokens = units,
+            }
+        }
+        spent
+    }
+
     /// Takes the levels a shared store reported (in the order of [`Bucket::specs`]), so
     /// predictions and the status view read the shared state.
     pub(crate) fn mirror(&mut self, levels: &[f64], now: Instant) {

@@ -33,9 +33,9 @@ use crate::resource::{PerResource, Resource};
 use crate::upstream::ratelimit::{RateLimitHeaders, Reason};
 
 use super::bounds::QueueBounds;
-use super::learn::{views, warn_if_above_upstream, Learned, Mark};
+use super::learn::{remaining, views, warn_if_above_upstream, Learned, Mark};
 use super::status::{BucketStatus, Last429, LastHeaders};
-use super::store::{Admission, Mode, Store, StoreError};
+use super::store::{Admission, BucketKeys, Correction, Mode, Reply, Sent, Store, StoreError};
 use crate::config::OnStoreError;
 
 /// How soon a replay asks again when the shared store failed it.
@@ -53,15 +53,28 @@ static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ticket {
     id: u64,
-    /// Taken from the shared store (not from this replica's degraded share).
-    shared: bool,
+    /// Taken from the shared store (not from this replica's degraded share): what every
+    /// replica had taken then, this admission included.
+    shared: Option<Sent>,
 }
 
 impl Ticket {
-    fn next(shared: bool) -> Self {
+    fn next(shared: Option<Sent>) -> Self {
         Self {
             id: NEXT_TICKET.fetch_add(1, Ordering::Relaxed),
             shared,
+        }
+    }
+
+    /// The store's send counters when this reservation (or its latest re-send) was taken.
+    pub(crate) fn sent(&self) -> Option<Sent> {
+        self.shared
+    }
+
+    /// A re-send was taken from the store: headers answering it are read against these.
+    pub(crate) fn resent(&mut self, sent: Option<Sent>) {
+        if sent.is_some() {
+            self.shared = sent;
         }
     }
 }
@@ -84,8 +97,8 @@ pub(crate) enum Go {
 /// The outcome of asking to send a refused request again ([`Budget::take_again`]).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Again {
-    /// It goes now, as this probe if any.
-    Now(Option<Probe>),
+    /// It goes now, as this probe if any (with the store's send counters, when shared).
+    Now(Option<Probe>, Option<Sent>),
     /// Not before this instant.
     At(Instant),
     /// Another request is probing the circuit: ask again shortly.
@@ -94,7 +107,7 @@ pub(crate) enum Again {
 
 /// How a reservation ends in its bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Settle {
+pub(crate) enum Settle {
     /// Budget comes back: unused output, or a request that never reached the upstream.
     Refund(Cost),
     /// More budget is taken: usage beyond the estimate.
@@ -147,12 +160,41 @@ struct State {
     /// While the shared store is out of reach: this replica's share of the limits, and the
     /// number of replicas it was divided by.
     degraded: Option<(Bucket, usize)>,
+    /// The version of the store's learned limits this bucket took (see `scripts/learn.lua`).
+    version: u64,
+    /// The store was asked for learned limits while this bucket was learning its own.
+    asked: bool,
 }
 
 /// Where a shared bucket lives in the store.
 struct Shared {
     store: Arc<Store>,
-    key: String,
+    keys: BucketKeys,
+}
+
+/// Whether a bucket's budget is shared, as the status view tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sharing {
+    /// Spent through the shared store, with every replica.
+    Shared,
+    /// The store is out of reach: spent from this replica's share of the limits (1/replicas).
+    Degraded { replicas: usize },
+    /// Not shared: nothing to share yet (no limit known).
+    Local,
+    /// The store is out of reach and metered requests are refused meanwhile
+    /// (`shared.on_store_error = "fail_closed"`).
+    Refusing,
+}
+
+impl Sharing {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Degraded { .. } => "degraded",
+            Self::Local => "local",
+            Self::Refusing => "refusing",
+        }
+    }
 }
 
 /// One bucket's budget: in this process's memory, or, with a shared store, its levels and
@@ -180,7 +222,7 @@ impl Budget {
         let bucket = Bucket::with_margin(&limits, bounds.refill_margin, now);
         let gate = Gate::new(learn && limits.is_empty(), bounds.circuit_threshold, now);
         let shared = store.map(|store| Shared {
-            key: store.bucket_key(&org, &model),
+            keys: store.bucket_keys(&org, &model),
             store,
         });
         Self {
@@ -197,6 +239,8 @@ impl Budget {
                 gate,
                 last_429: None,
                 degraded: None,
+                version: 0,
+                asked: false,
             }),
         }
     }
@@ -222,7 +266,8 @@ impl Budget {
     /// from this process's bucket.
     pub(crate) async fn take(&self, cost: Cost, priority: Priority, now: Instant) -> Go {
         let keep = self.keep(priority);
-        let (shared, probe, specs, in_hand) = {
+        self.ask_learned(now).await;
+        let (shared, probe, specs, in_hand, version) = {
             let mut state = self.lock();
             let probe = match state.gate.check(false, now) {
                 Pass::Go(probe) => probe,
@@ -235,7 +280,7 @@ impl Budget {
                 Some(shared) if state.bucket.is_limited() => shared,
                 _ => {
                     let State { bucket, gate, .. } = &mut *state;
-                    return take_from(bucket, gate, probe, cost, keep, now, false);
+                    return take_from(bucket, gate, probe, cost, keep, now);
                 }
             };
             let specs = state.bucket.specs();
@@ -248,7 +293,7 @@ impl Budget {
             // Claimed before the round trip, so no other request takes the same probe
             // meanwhile; given back if the store refuses.
             state.gate.claim(probe, now);
-            (shared, probe, specs, state.bucket.in_hand())
+            (shared, probe, specs, state.bucket.in_hand(), state.version)
         };
         // Gives the probes back if the admission does not complete, also when this future is
         // dropped during a round trip (the client left).
@@ -257,10 +302,18 @@ impl Budget {
             probes: [probe, None],
         };
         let store = &shared.store;
+        let key = &shared.keys.bucket;
         let mut answer = store
-            .admit(&shared.key, cost, keep, in_hand, Mode::New, &specs)
+            .admit(key, cost, keep, in_hand, Mode::New, version, &specs)
             .await;
-        if let Ok(Admission::Wait { unproven: true, .. }) = answer {
+        if let Ok(reply) = &answer {
+            self.absorb(reply, now);
+        }
+        if let Ok(Reply {
+            admission: Admission::Wait { unproven: true, .. },
+            ..
+        }) = answer
+        {
             // Beyond the proven burst: one request goes to prove it (a gate probe already
             // going proves it as well as any), the others wait for its answer or the refill.
             if probe.is_none() {
@@ -274,20 +327,25 @@ impl Budget {
                 claimed.probes[1] = Some(Probe::Burst);
             }
             answer = store
-                .admit(&shared.key, cost, keep, in_hand, Mode::Proof, &specs)
+                .admit(key, cost, keep, in_hand, Mode::Proof, version, &specs)
                 .await;
         }
         let going = probe.or(claimed.probes[1]);
-        if let Ok(Admission::Taken { levels }) = &answer {
+        if let Ok(Reply {
+            admission: Admission::Taken { levels },
+            sent,
+            ..
+        }) = &answer
+        {
             claimed.probes = [None, None];
             let mut state = self.lock();
             state.bucket.mirror(levels, now);
-            state.degraded = None;
-            return Go::Now(Ticket::next(true), going);
+            self.recover(&mut state, shared, now);
+            return Go::Now(Ticket::next(Some(*sent)), going);
         }
         drop(claimed);
         let mut state = self.lock();
-        match answer {
+        match answer.map(|reply| reply.admission) {
             Ok(Admission::Wait { wait, .. }) => Go::At(now + wait),
             Ok(Admission::Paused(wait)) => {
                 // Another replica's 429: this one pauses too, until the same instant.
@@ -300,6 +358,104 @@ impl Budget {
                 Pass::Until(until) => Go::At(until),
                 Pass::Hold => Go::Hold,
             },
+        }
+    }
+
+    /// While this bucket still learns its limits, asks the store once whether another
+    /// replica learned them already: a replica that joins late then spends from the shared
+    /// bucket from its first request, instead of sending one alone (and uncounted by the
+    /// others) to learn them.
+    async fn ask_learned(&self, now: Instant) {
+        let Some(shared) = &self.shared else { return };
+        {
+            let mut state = self.lock();
+            if state.asked
+                || !state.learned.enabled
+                || !state.gate.is_learning()
+                || state.bucket.is_limited()
+                || !shared.store.is_up()
+            {
+                return;
+            }
+            state.asked = true;
+        }
+        let Ok((version, limits)) = shared.store.learned(&shared.keys.bucket).await else {
+            return;
+        };
+        if !limits.is_empty() {
+            let mut state = self.lock();
+            self.adopt(&mut state, version, limits, now);
+        }
+    }
+
+    /// Takes what an admission's reply tells beside its answer: limits another replica
+    /// learned, or that the store lost this replica's (restarted empty), which are then
+    /// published again.
+    fn absorb(&self, reply: &Reply, now: Instant) {
+        let mut state = self.lock();
+        if let Some(limits) = reply.learned {
+            if reply.version > state.version {
+                self.adopt(&mut state, reply.version, limits, now);
+            }
+            return;
+        }
+        // Version 0: nothing published (a store restarted empty, or this replica's own
+        // publication still on its way, which publishing again leaves as it is).
+        let lost = reply.version == 0 || reply.version < state.version;
+        if lost && !state.learned.limits.is_empty() {
+            // Taken back from the store with the next admission once published.
+            state.version = 0;
+            let limits = state.learned.limits;
+            let specs = Some(state.bucket.specs());
+            self.spawn_on_store(specs, move |store, key, specs| async move {
+                store.learn(&key, &limits, &specs).await.map(|_| ())
+            });
+        }
+    }
+
+    /// Takes the learned limits of the store's `version` (another replica's, or this one's
+    /// coming back). Returns whether the limits in force changed.
+    fn adopt(&self, state: &mut State, version: u64, limits: Limits, now: Instant) -> bool {
+        state.version = version;
+        if !state.learned.enabled || state.learned.limits == limits {
+            return false;
+        }
+        state.learned.adopt(limits, now);
+        warn_if_above_upstream(&self.org, &self.model, &state.configured, &limits);
+        tracing::info!(
+            org = %self.org,
+            model = %self.model,
+            rpm = ?limits.rpm,
+            tpm = ?limits.tpm,
+            rpd = ?limits.rpd,
+            tpd = ?limits.tpd,
+            "took the upstream's limits another replica learned"
+        );
+        if !limits.is_empty() {
+            state.gate.learned();
+        }
+        state.apply_limits(now)
+    }
+
+    /// The store answered an admission again: a replica that was degraded charges the shared
+    /// bucket what it spent from its share meanwhile and has not refilled yet (the other
+    /// replicas spent theirs from the same upstream budget).
+    fn recover(&self, state: &mut State, shared: &Shared, now: Instant) {
+        let Some((mut share, _)) = state.degraded.take() else {
+            return;
+        };
+        let spent = share.unrefilled(now);
+        tracing::info!(
+            org = %self.org,
+            model = %self.model,
+            requests = spent.requests,
+            tokens = spent.tokens,
+            "shared store back: charging the shared bucket what this replica spent meanwhile"
+        );
+        if spent.requests > 0 || spent.tokens > 0 {
+            let specs = state.bucket.specs();
+            let id = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+            self.spawn_settle(shared, id, specs, spent, false, None);
         }
     }
 
@@ -341,12 +497,21 @@ impl Budget {
                     // What the upstream proved of the whole burst holds for a share of it.
                     bucket.burst_proven();
                 }
+                // Not a full share: this replica's share of what the shared bucket had left
+                // when it was last seen (spent by every replica, and not refilled since).
+                let left: Vec<f64> = state
+                    .bucket
+                    .levels(now)
+                    .into_iter()
+                    .map(|level| level / replicas as f64)
+                    .collect();
+                bucket.mirror(&left, now);
                 state.degraded = Some((bucket, replicas));
             }
         }
         let State { degraded, gate, .. } = state;
         match degraded {
-            Some((bucket, _)) => take_from(bucket, gate, probe, cost, keep, now, false),
+            Some((bucket, _)) => take_from(bucket, gate, probe, cost, keep, now),
             None => Go::Hold,
         }
     }
@@ -355,7 +520,7 @@ impl Budget {
     /// before anything new (it ignores the reserve and the burst proof; limits that shrank
     /// below it do not strand it mid-replay).
     pub(crate) async fn take_again(&self, again: Cost, now: Instant) -> Again {
-        let (shared, probe, specs, in_hand) = {
+        let (shared, probe, specs, in_hand, version) = {
             let mut state = self.lock();
             let probe = match state.gate.check(true, now) {
                 Pass::Go(probe) => probe,
@@ -366,7 +531,8 @@ impl Budget {
             match &self.shared {
                 Some(shared) if limited && shared.store.is_up() => {
                     state.gate.claim(probe, now);
-                    (shared, probe, state.bucket.specs(), state.bucket.in_hand())
+                    let specs = state.bucket.specs();
+                    (shared, probe, specs, state.bucket.in_hand(), state.version)
                 }
                 Some(shared) if limited => {
                     if shared.store.on_error() == OnStoreError::FailClosed {
@@ -394,16 +560,34 @@ impl Budget {
         };
         let answer = shared
             .store
-            .admit(&shared.key, again, 0.0, in_hand, Mode::Again, &specs)
+            .admit(
+                &shared.keys.bucket,
+                again,
+                0.0,
+                in_hand,
+                Mode::Again,
+                version,
+                &specs,
+            )
             .await;
-        if let Ok(Admission::Taken { levels }) = &answer {
+        if let Ok(reply) = &answer {
+            self.absorb(reply, now);
+        }
+        if let Ok(Reply {
+            admission: Admission::Taken { levels },
+            sent,
+            ..
+        }) = &answer
+        {
             claimed.probes = [None, None];
-            self.lock().bucket.mirror(levels, now);
-            return Again::Now(probe);
+            let mut state = self.lock();
+            state.bucket.mirror(levels, now);
+            self.recover(&mut state, shared, now);
+            return Again::Now(probe, Some(*sent));
         }
         drop(claimed);
         let mut state = self.lock();
-        match answer {
+        match answer.map(|reply| reply.admission) {
             Ok(Admission::Wait { wait, .. }) => Again::At(now + wait),
             Ok(Admission::Paused(wait)) => {
                 state.gate.pause(now + wait);
@@ -418,7 +602,15 @@ impl Budget {
     /// may fit). In memory, a reservation is consumed by its one settle, so the ticket is
     /// only carried; the shared store records it and refuses a settle it already applied,
     /// so the settle (one round trip, off the request's path) is retried once on failure.
-    pub(crate) fn settle(&self, ticket: Ticket, settle: Settle) -> bool {
+    ///
+    /// A shared reservation's settle carries the `correction` its response's headers asked
+    /// for (see [`Budget::observe`]); one with nothing to settle still sends it.
+    pub(crate) fn settle(
+        &self,
+        ticket: Ticket,
+        settle: Settle,
+        correction: Option<Correction>,
+    ) -> bool {
         let now = Instant::now();
         let mut state = self.lock();
         let (cost, refund) = match settle {
@@ -426,9 +618,10 @@ impl Budget {
             Settle::Debt(cost) => (cost, false),
         };
         let bucket = match (&mut state.degraded, ticket.shared) {
-            (Some((bucket, _)), false) if self.shared.is_some() => bucket,
+            (Some((bucket, _)), None) if self.shared.is_some() => bucket,
             _ => &mut state.bucket,
         };
+        let nothing = cost.requests == 0 && cost.tokens == 0;
         if refund {
             bucket.give_back(cost, now);
         } else {
@@ -436,39 +629,51 @@ impl Budget {
         }
         tracing::trace!(ticket = ticket.id, ?cost, refund, "settled");
         let specs = match (&self.shared, ticket.shared) {
-            (Some(_), true) => state.bucket.specs(),
+            (Some(_), Some(_)) if !(nothing && correction.is_none()) => state.bucket.specs(),
             _ => return refund,
         };
         drop(state);
         if let Some(shared) = &self.shared {
-            let store = Arc::clone(&shared.store);
-            let key = shared.key.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    // A failed settle is tried again once the breaker lets calls through (the
-                    // store's marker makes a repeat harmless), for up to SETTLE_PATIENCE.
-                    let mut tries = SETTLE_PATIENCE.as_millis() / SETTLE_RETRY.as_millis();
-                    loop {
-                        match store.settle(&key, ticket.id, &specs, cost, refund).await {
-                            Ok(_) => return,
-                            Err(err) if tries == 0 => {
-                                tracing::debug!(
-                                    error = ?err,
-                                    ticket = ticket.id,
-                                    "shared settle given up"
-                                );
-                                return;
-                            }
-                            Err(_) => {
-                                tries -= 1;
-                                tokio::time::sleep(SETTLE_RETRY).await;
-                            }
-                        }
-                    }
-                });
-            }
+            self.spawn_settle(shared, ticket.id, specs, cost, refund, correction);
         }
         refund
+    }
+
+    /// Sends a settlement to the store, off the request's path.
+    fn spawn_settle(
+        &self,
+        shared: &Shared,
+        id: u64,
+        specs: Vec<MeterSpec>,
+        cost: Cost,
+        refund: bool,
+        correction: Option<Correction>,
+    ) {
+        let store = Arc::clone(&shared.store);
+        let keys = shared.keys.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                // A failed settle is tried again once the breaker lets calls through (the
+                // store's marker makes a repeat harmless), for up to SETTLE_PATIENCE.
+                let mut tries = SETTLE_PATIENCE.as_millis() / SETTLE_RETRY.as_millis();
+                loop {
+                    match store
+                        .settle(&keys, id, &specs, cost, refund, correction.as_ref())
+                        .await
+                    {
+                        Ok(_) => return,
+                        Err(err) if tries == 0 => {
+                            tracing::debug!(error = ?err, ticket = id, "shared settle given up");
+                            return;
+                        }
+                        Err(_) => {
+                            tries -= 1;
+                            tokio::time::sleep(SETTLE_RETRY).await;
+                        }
+                    }
+                }
+            });
+        }
     }
 
     /// Whether `cost` can ever fit. Forgets learned limits no response confirmed for an hour
@@ -577,6 +782,24 @@ impl Budget {
         !self.lock().configured.is_empty()
     }
 
+    /// How this bucket's budget is shared now (`None` without a store).
+    fn sharing(&self, state: &State) -> Option<Sharing> {
+        let shared = self.shared.as_ref()?;
+        Some(match &state.degraded {
+            Some((_, replicas)) => Sharing::Degraded {
+                replicas: *replicas,
+            },
+            None if !state.bucket.is_limited() => Sharing::Local,
+            None if shared.store.is_up() => Sharing::Shared,
+            None => match shared.store.on_error() {
+                OnStoreError::Degrade => Sharing::Degraded {
+                    replicas: shared.store.replicas(),
+                },
+                OnStoreError::FailClosed => Sharing::Refusing,
+            },
+        })
+    }
+
     /// A request holding `cost` is being sent upstream (again, for a replay).
     pub(crate) fn dispatched(&self, cost: Cost) -> Mark {
         self.lock().learned.dispatched(cost, Instant::now())
@@ -592,9 +815,18 @@ impl Budget {
     /// upstream's is lowered to it), lowers the levels to what the upstream had left less
     /// what was sent since, and shrinks the burst when the figures show a quantized limit.
     /// Never loosens anything. Returns whether the limits in force changed.
-    pub(crate) fn observe(&self, mark: Mark, headers: &RateLimitHeaders) -> bool {
+    ///
+    /// A shared bucket's levels are corrected in the store, for what every replica took
+    /// after the request (`sent`, from its admission): the [`Correction`] returned rides the
+    /// request's settlement, and the limits learned are published for every replica.
+    pub(crate) fn observe(
+        &self,
+        mark: Mark,
+        sent: Option<Sent>,
+        headers: &RateLimitHeaders,
+    ) -> (bool, Option<Correction>) {
         if headers.is_empty() {
-            return false;
+            return (false, None);
         }
         let now = Instant::now();
         let mut state = self.lock();
@@ -612,15 +844,29 @@ impl Budget {
                 "learned the upstream's limits"
             );
             changed = state.apply_limits(now);
+            let specs = self.shared.as_ref().map(|_| state.bucket.specs());
+            self.spawn_on_store(specs, move |store, key, specs| async move {
+                store.learn(&key, &learned, &specs).await.map(|_| ())
+            });
         }
         if !state.learned.limits.is_empty() {
             state.gate.learned();
         }
+        let shared = self.shared.is_some() && state.bucket.is_limited();
         let State {
             learned, bucket, ..
         } = &mut *state;
-        learned.correct(mark, &views, bucket, now);
-        changed
+        // A shared bucket's local levels mirror the store's: only its burst is corrected here.
+        learned.correct(mark, &views, bucket, !shared, now);
+        let correction = match sent {
+            Some(sent) if shared => Some(Correction {
+                sent,
+                at: mark.at(),
+                remaining: remaining(&views),
+            }),
+            _ => None,
+        };
+        (changed, correction)
     }
 
     /// The upstream answered a request of this bucket without a rate limit (as `probe`,
@@ -662,7 +908,7 @@ impl Budget {
             return;
         };
         let store = Arc::clone(&shared.store);
-        let key = shared.key.clone();
+        let key = shared.keys.bucket.clone();
         runtime.spawn(async move {
             if let Err(err) = call(store, key, specs).await {
                 tracing::debug!(error = ?err, "shared store update failed");
@@ -707,8 +953,12 @@ impl Budget {
             reason: rate_limited.reason,
             wait: rate_limited.resume.saturating_duration_since(now),
         });
-        // One replica's 429 pauses the bucket for all, until the same hint.
-        let wait = rate_limited.resume.saturating_duration_since(now);
+        // One replica's 429 pauses the bucket for all, until the same hint; an open circuit
+        // holds them all until the limit resets.
+        let wait = state
+            .gate
+            .blocked_until(now)
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
         if !wait.is_zero() {
             let specs = self.shared.as_ref().map(|_| state.bucket.specs());
             self.spawn_on_store(specs, move |store, key, specs| async move {
@@ -743,7 +993,9 @@ impl Budget {
     pub(crate) fn status(&self) -> BucketStatus {
         let now = Instant::now();
         let mut state = self.lock();
+        let sharing = self.sharing(&state);
         BucketStatus {
+            sharing,
             configured: state.configured,
             learned: state.learned.limits,
             in_force: state.limits,
@@ -819,7 +1071,6 @@ fn take_from(
     cost: Cost,
     keep: f64,
     now: Instant,
-    shared: bool,
 ) -> Go {
     let taken = match bucket.try_take(cost, keep, now) {
         Ok(()) => Ok(probe),
@@ -835,7 +1086,7 @@ fn take_from(
     match taken {
         Ok(probe) => {
             gate.claim(probe, now);
-            Go::Now(Ticket::next(shared), probe)
+            Go::Now(Ticket::next(None), probe)
         }
         Err(Shortfall::Wait { wait, .. } | Shortfall::Unproven { wait }) => Go::At(now + wait),
         Err(Shortfall::Never(oversize)) => Go::Never(oversize),
@@ -854,7 +1105,7 @@ fn again_from(
     match bucket.take_as_proof(again, 0.0, now) {
         Ok(()) | Err(Shortfall::Never(_) | Shortfall::Unproven { .. }) => {
             gate.claim(probe, now);
-            Again::Now(probe)
+            Again::Now(probe, None)
         }
         Err(Shortfall::Wait { wait, .. }) => Again::At(now + wait),
     }
@@ -877,6 +1128,7 @@ impl State {
         let changed = self.apply_limits(now);
         if self.learned.enabled && self.configured.is_empty() {
             self.gate.relearn(now);
+            self.asked = false;
         }
         changed
     }

@@ -30,6 +30,13 @@ pub struct Mark {
     seq: u64,
 }
 
+impl Mark {
+    /// When the request was sent.
+    pub(super) fn at(&self) -> Instant {
+        self.at
+    }
+}
+
 /// One send upstream, and what the upstream had left when it admitted it (per resource: the
 /// `remaining` of its response's headers), once known.
 #[derive(Clone, Copy, Debug)]
@@ -146,6 +153,12 @@ impl Learned {
                 .is_some_and(|at| now.saturating_duration_since(at) > LEARNED_TTL)
     }
 
+    /// Takes limits another replica learned, as if a response had announced them now.
+    pub(super) fn adopt(&mut self, limits: Limits, now: Instant) {
+        self.limits = limits;
+        self.confirmed_at = (!limits.is_empty()).then_some(now);
+    }
+
     pub(super) fn forget(&mut self) {
         self.limits = Limits::default();
         self.confirmed_at = None;
@@ -208,20 +221,21 @@ impl Learned {
         changed.then_some(learned)
     }
 
-    /// Lowers `bucket`'s levels to what the upstream had left when it admitted the send at
-    /// `mark` less what was sent since, and shrinks its burst when the figures show a
-    /// quantized limit.
+    /// Lowers `bucket`'s levels (when `levels`) to what the upstream had left when it
+    /// admitted the send at `mark` less what was sent since, and shrinks its burst when the
+    /// figures show a quantized limit.
     pub(super) fn correct(
         &mut self,
         mark: Mark,
         views: &[(Resource, View)],
         bucket: &mut Bucket,
+        levels: bool,
         now: Instant,
     ) {
         let age = now.saturating_duration_since(mark.at);
         let own = self.ledger.index(mark.seq);
         for (resource, view) in views {
-            if let Some(remaining) = view.remaining {
+            if let Some(remaining) = view.remaining.filter(|_| levels) {
                 let remaining = remaining as f64;
                 let unseen = self.ledger.unseen_since(mark.seq, *resource, remaining);
                 bucket.observe(*resource, view.window, remaining, unseen, age, now);
@@ -254,6 +268,17 @@ pub(super) fn views(headers: &RateLimitHeaders) -> Vec<(Resource, View)> {
     Resource::BOTH
         .into_iter()
         .filter_map(|resource| View::of(headers, resource).map(|view| (resource, view)))
+        .collect()
+}
+
+/// What the upstream had left per resource and window, as `views` tell.
+pub(super) fn remaining(views: &[(Resource, View)]) -> Vec<(Resource, Duration, f64)> {
+    views
+        .iter()
+        .filter_map(|(resource, view)| {
+            view.remaining
+                .map(|remaining| (*resource, view.window, remaining as f64))
+        })
         .collect()
 }
 

@@ -121,6 +121,11 @@ impl Limiter {
         }
     }
 
+    /// The shared store, when one is configured.
+    pub(crate) fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
+    }
+
     /// Takes a reloaded configuration: new queue bounds and bucket cap (a lowered cap is
     /// reached by evicting as new buckets come), and each configured org's new limits
     /// (`limits_of(org, model)`) in its existing buckets, which keep what they have spent and

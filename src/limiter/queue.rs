@@ -35,6 +35,7 @@ use super::budget::{Again, Budget, Go, RateLimited, Settle, Ticket};
 use super::learn::Mark;
 use super::status::BucketStatus;
 use super::store::Store;
+use super::store::{Correction, Sent};
 
 /// Why a request was not admitted.
 #[derive(Clone, Debug, PartialEq)]
@@ -330,8 +331,8 @@ impl BucketQueue {
     }
 
     /// Ends reservation `ticket` in the bucket, and wakes the heads if budget came back.
-    pub fn settle(&self, ticket: Ticket, settle: Settle) {
-        let refunded = self.budget.settle(ticket, settle);
+    pub(crate) fn settle(&self, ticket: Ticket, settle: Settle, correction: Option<Correction>) {
+        let refunded = self.budget.settle(ticket, settle, correction);
         self.wake_if(refunded);
     }
 
@@ -358,10 +359,16 @@ impl BucketQueue {
     }
 
     /// Corrects the bucket with the headers of a response to the send at `mark` (see
-    /// [`Budget::observe`]).
-    pub fn observe(&self, mark: Mark, headers: &RateLimitHeaders) {
-        let changed = self.budget.observe(mark, headers);
+    /// [`Budget::observe`]); a shared bucket's correction comes back, for the settlement.
+    pub(crate) fn observe(
+        &self,
+        mark: Mark,
+        sent: Option<Sent>,
+        headers: &RateLimitHeaders,
+    ) -> Option<Correction> {
+        let (changed, correction) = self.budget.observe(mark, sent, headers);
         self.wake_if(changed);
+        correction
     }
 
     /// The upstream answered a request of this bucket without a rate limit.
@@ -390,13 +397,17 @@ impl BucketQueue {
     /// counted the refused attempt, so sending it again spends once more: several refused
     /// requests go again at the refill rate, not all at once). Returns the gate's probe if
     /// this re-send is one, or the remaining wait when it cannot go before `deadline`.
-    pub async fn replay(&self, again: Cost, deadline: Instant) -> Result<Option<Probe>, Duration> {
+    pub(crate) async fn replay(
+        &self,
+        again: Cost,
+        deadline: Instant,
+    ) -> Result<(Option<Probe>, Option<Sent>), Duration> {
         self.budget.add_replay();
         let _replay = ReplayGuard { queue: self };
         loop {
             let now = Instant::now();
             let until = match self.budget.take_again(again, now).await {
-                Again::Now(probe) => return Ok(probe),
+                Again::Now(probe, sent) => return Ok((probe, sent)),
                 Again::At(until) if until > deadline => {
                     return Err(until.saturating_duration_since(now));
                 }
@@ -729,6 +740,7 @@ mod tests {
                 requests: 0,
                 tokens: 100,
             }),
+            None,
         );
         let (result, elapsed) = waiting.await.expect("task");
         assert!(
@@ -802,7 +814,7 @@ mod tests {
         let waiting = spawn_admit(&queue, 300, Priority::Interactive, "w", &log);
         settle_tasks().await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        queue.settle(drained.ticket, Settle::Refund(Cost::request(300)));
+        queue.settle(drained.ticket, Settle::Refund(Cost::request(300)), None);
         waiting.await.expect("task").expect("admitted");
         let log = log.lock().expect("test mutex").clone();
         assert_eq!(
@@ -905,18 +917,18 @@ mod tests {
         let [a, b, c] = [marks[0], marks[1], marks[2]];
         // The upstream admitted them in the reverse order: c with 119 left, b 118, a 117; the
         // answers come back in that order too.
-        queue.observe(c, &remaining_requests(120, 119));
-        queue.observe(b, &remaining_requests(120, 118));
-        queue.observe(a, &remaining_requests(120, 117));
+        queue.observe(c, None, &remaining_requests(120, 119));
+        queue.observe(b, None, &remaining_requests(120, 118));
+        queue.observe(a, None, &remaining_requests(120, 117));
         // a's 117 already counts b and c (their answers showed more left): 117 are left, not
         // 115.
         assert_eq!(queue.available(Resource::Requests), Some(117.0));
 
         // A send whose answer has not come back is not counted by an earlier header.
         let d = queue.dispatched(Cost::request(0));
-        queue.observe(b, &remaining_requests(120, 118));
+        queue.observe(b, None, &remaining_requests(120, 118));
         assert_eq!(queue.available(Resource::Requests), Some(117.0));
-        queue.observe(c, &remaining_requests(120, 116));
+        queue.observe(c, None, &remaining_requests(120, 116));
         assert_eq!(
             queue.available(Resource::Requests),
             Some(115.0),

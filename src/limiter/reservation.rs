@@ -19,6 +19,7 @@ use super::budget::{Evidence, RateLimited, Settle, Ticket};
 use super::gate::Probe;
 use super::learn::Mark;
 use super::queue::{Admitted, BucketQueue};
+use super::store::Correction;
 
 /// Budget taken from a bucket for one request.
 #[must_use = "a reservation is refunded when dropped; settle it once the upstream answered"]
@@ -34,6 +35,8 @@ pub struct Reservation {
     probe: Option<Probe>,
     /// When it was last sent upstream.
     mark: Option<Mark>,
+    /// The shared store's correction from its response's headers, sent with the settlement.
+    correction: Option<Correction>,
 }
 
 impl Reservation {
@@ -47,6 +50,7 @@ impl Reservation {
             waited: admitted.waited,
             probe: admitted.probe,
             mark: None,
+            correction: None,
         }
     }
 
@@ -62,9 +66,12 @@ impl Reservation {
     }
 
     /// Corrects the bucket with the rate-limit headers of this request's response.
-    pub fn observe(&self, headers: &RateLimitHeaders) {
+    pub fn observe(&mut self, headers: &RateLimitHeaders) {
         if let Some(mark) = self.mark {
-            self.queue.observe(mark, headers);
+            let correction = self.queue.observe(mark, self.ticket.sent(), headers);
+            if correction.is_some() {
+                self.correction = correction;
+            }
         }
     }
 
@@ -103,7 +110,9 @@ impl Reservation {
         };
         let result = self.queue.replay(again, deadline).await;
         self.waited += started.elapsed();
-        self.probe = result?;
+        let (probe, sent) = result?;
+        self.probe = probe;
+        self.ticket.resent(sent);
         Ok(())
     }
 
@@ -149,10 +158,13 @@ impl Reservation {
             requests: 0,
             tokens: delta.unsigned_abs(),
         };
+        let correction = self.correction.take();
         if delta > 0 {
-            self.queue.settle(self.ticket, Settle::Debt(tokens));
-        } else if delta < 0 {
-            self.queue.settle(self.ticket, Settle::Refund(tokens));
+            self.queue
+                .settle(self.ticket, Settle::Debt(tokens), correction);
+        } else if delta < 0 || correction.is_some() {
+            self.queue
+                .settle(self.ticket, Settle::Refund(tokens), correction);
         }
     }
 }
@@ -163,7 +175,8 @@ impl Drop for Reservation {
             self.queue.abandon_probe(probe);
         }
         if !self.reached_upstream {
-            self.queue.settle(self.ticket, Settle::Refund(self.cost));
+            self.queue
+                .settle(self.ticket, Settle::Refund(self.cost), None);
         }
     }
 }

@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::limiter::bucket::Limits;
+use crate::limiter::budget::Sharing;
 use crate::limiter::gate::Circuit;
 use crate::priority::ByPriority;
 use crate::resource::PerResource;
@@ -25,6 +26,8 @@ use crate::upstream::ratelimit::{Family, RateLimitHeaders, Reason};
 /// A bucket as the status view and metrics show it, at one instant.
 #[derive(Clone, Debug)]
 pub struct BucketStatus {
+    /// How the budget is shared with other replicas (`None` without a shared store).
+    pub(crate) sharing: Option<Sharing>,
     pub configured: Limits,
     pub learned: Limits,
     /// The tighter of the configured and the learned limits.
@@ -96,6 +99,9 @@ pub(crate) struct StatusDocument {
     /// Orgs answered from a quota cool-down.
     #[serde(deserialize_with = "lenient_each")]
     pub quota_cooldowns: Vec<QuotaCooldown>,
+    /// The shared store, when one is configured.
+    #[serde(deserialize_with = "lenient", skip_serializing_if = "Option::is_none")]
+    pub shared_store: Option<SharedStoreReport>,
     /// Sorted by org, then model.
     #[serde(deserialize_with = "lenient_each")]
     pub buckets: Vec<BucketReport>,
@@ -107,6 +113,24 @@ impl StatusDocument {
     pub(crate) fn read(value: &serde_json::Value) -> Self {
         Self::deserialize(value).unwrap_or_default()
     }
+}
+
+/// The shared store as one replica sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct SharedStoreReport {
+    /// The store's address, without its password.
+    #[serde(deserialize_with = "lenient")]
+    pub url: Option<String>,
+    /// Whether it is in use now (false: degraded, or refusing).
+    #[serde(deserialize_with = "lenient")]
+    pub up: Option<bool>,
+    /// Replicas seen alive through its heartbeats.
+    #[serde(deserialize_with = "lenient")]
+    pub replicas: Option<u64>,
+    /// `degrade` or `fail_closed`.
+    #[serde(deserialize_with = "lenient")]
+    pub on_store_error: Option<String>,
 }
 
 /// An org in quota cool-down (see [`crate::quota`]).
@@ -127,6 +151,13 @@ pub(crate) struct BucketReport {
     pub org: Option<String>,
     #[serde(deserialize_with = "lenient")]
     pub model: Option<String>,
+    /// With a shared store: `shared`, `degraded` (spending this replica's share), `local`
+    /// (no limit known yet) or `refusing` (store down, `on_store_error = "fail_closed"`).
+    #[serde(deserialize_with = "lenient", skip_serializing_if = "Option::is_none")]
+    pub sharing: Option<String>,
+    /// While degraded: the replicas the limits are divided by.
+    #[serde(deserialize_with = "lenient", skip_serializing_if = "Option::is_none")]
+    pub share_of: Option<u64>,
     #[serde(deserialize_with = "lenient")]
     pub limits: LimitsReport,
     #[serde(deserialize_with = "lenient")]
@@ -153,6 +184,11 @@ impl BucketReport {
         Self {
             org: Some(org.to_owned()),
             model: Some(model.to_owned()),
+            sharing: status.sharing.map(|sharing| sharing.label().to_owned()),
+            share_of: match status.sharing {
+                Some(Sharing::Degraded { replicas }) => Some(replicas as u64),
+                _ => None,
+            },
             limits: LimitsReport {
                 configured: status.configured.into(),
                 learned: status.learned.into(),

@@ -8,10 +8,20 @@
 //! sets a marker for the reservation's id (`SET NX`), so a settle that is retried or replayed
 //! never charges twice. A 429's pause (`scripts/pause.lua`) holds for every replica.
 //!
-//! Keys: `<prefix>{<org>/<model>}:b` holds a bucket (a hash: level and capacity per limit, the
-//! time of its last refill, the pause, a send counter); `<prefix>{<org>/<model>}:s:<replica>:<id>`
-//! marks a settled reservation; `<prefix>replicas` is the heartbeat set. The braces are a hash
-//! tag, so one bucket's keys share a Redis Cluster slot. Levels refill continuously from the
+//! What one replica learns from the upstream, every replica knows: the limits its headers
+//! announce (`scripts/learn.lua`, returned by every admission when they changed), the level
+//! correction from their `remaining` (corrected for what *every* replica took after the
+//! request, from the bucket's send counters, and applied with the request's settlement in the
+//! same round trip), a 429's pause and an open circuit (a pause until the limit resets), the
+//! burst a quantized limit allows, and an org's quota cool-down (`scripts/quota.lua`, heard by
+//! every replica with its next heartbeat).
+//!
+//! Keys: `<prefix>{<org>}:b:<model>` holds a bucket (a hash: level and capacity per limit, the
+//! time of its last refill, the pause, the send counters, the learned limits);
+//! `<prefix>{<org>}:s:<replica>:<id>` marks a settled reservation; `<prefix>{sluice}:replicas`
+//! is the heartbeat set and `<prefix>{sluice}:quota` the orgs in quota cool-down. The braces are
+//! hash tags, so all of one org's keys share a Redis Cluster slot (what a script touches at
+//! once is always in one slot). Levels refill continuously from the
 //! stored time, so a bucket's TTL may be re-armed on every write: a key that expires has been
 //! idle for two of its longest windows, and would be full again by then anyway. A replica that
 //! dies holding reservations leaks nothing: their cost was taken from the level, which
@@ -34,7 +44,9 @@ use redis::{Script, Value};
 use tokio::time::Instant;
 
 use crate::config::{OnStoreError, SharedConfig};
-use crate::limiter::bucket::{Cost, MeterSpec, Resource, DAY, MINUTE};
+use crate::limiter::bucket::{Cost, Limits, MeterSpec, Resource, DAY, MINUTE};
+use crate::limiter::status::SharedStoreReport;
+use crate::quota::Exhausted;
 
 /// How often a replica says it is alive (and probes an open breaker).
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -45,6 +57,8 @@ const BREAKER_MIN: Duration = Duration::from_millis(500);
 const BREAKER_MAX: Duration = Duration::from_secs(5);
 /// How long a settled reservation's marker is kept: longer than any retry of its settle.
 const SETTLED_TTL: Duration = Duration::from_secs(600);
+/// The most of an upstream quota error's body shared with the other replicas.
+const QUOTA_BODY_MAX: usize = 4096;
 
 impl MeterSpec {
     /// The limit's field name in the bucket's hash: `rm`, `tm`, `rd`, `td`.
@@ -67,6 +81,47 @@ pub(crate) enum Mode {
     Proof = 1,
     /// A refused request sent again (the reserve and the proof do not apply).
     Again = 2,
+}
+
+/// What every replica had taken from a bucket (its send counters), as an admission saw
+/// them: a header answering that admission's request had not seen what came after.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Sent {
+    pub requests: i64,
+    pub tokens: i64,
+}
+
+/// The level correction one response's headers ask for, sent with its settlement
+/// ([`Store::settle`]).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Correction {
+    /// The counters when the request was admitted (this admission included).
+    pub sent: Sent,
+    /// When it was sent upstream: the refill since then is allowed for.
+    pub at: Instant,
+    /// What the upstream had left, per resource and window.
+    pub remaining: Vec<(Resource, Duration, f64)>,
+}
+
+/// The store's answer to an admission, and what it tells beside it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Reply {
+    pub admission: Admission,
+    /// The bucket's send counters after it.
+    pub sent: Sent,
+    /// The version of the learned limits in the store (0: none published).
+    pub version: u64,
+    /// The learned limits, when the store's version is newer than the caller's.
+    pub learned: Option<Limits>,
+}
+
+/// A bucket's keys in the store.
+#[derive(Clone, Debug)]
+pub(crate) struct BucketKeys {
+    /// The bucket's hash.
+    pub bucket: String,
+    /// The prefix of its settled reservations' markers.
+    marker: String,
 }
 
 /// The store's answer to an admission.
@@ -180,6 +235,8 @@ struct Breaker {
 /// The connection to the shared store, its scripts and its health.
 pub(crate) struct Store {
     connection: ConnectionManager,
+    /// The store's address, without its password.
+    url: String,
     prefix: String,
     timeout: Duration,
     on_error: OnStoreError,
@@ -190,6 +247,9 @@ pub(crate) struct Store {
     pause: Script,
     prove: Script,
     shrink: Script,
+    learn: Script,
+    learned: Script,
+    quota: Script,
     heartbeat: Script,
     breaker: Mutex<Breaker>,
     up: AtomicBool,
@@ -214,6 +274,7 @@ impl Store {
         metrics.up.set(1);
         let store = Arc::new(Self {
             connection,
+            url: crate::config::redacted_url(&config.redis_url),
             prefix: config.key_prefix.clone(),
             timeout: config.store_timeout,
             on_error: config.on_store_error,
@@ -223,6 +284,9 @@ impl Store {
             pause: Script::new(include_str!("scripts/pause.lua")),
             prove: Script::new(include_str!("scripts/prove.lua")),
             shrink: Script::new(include_str!("scripts/shrink.lua")),
+            learn: Script::new(include_str!("scripts/learn.lua")),
+            learned: Script::new(include_str!("scripts/learned.lua")),
+            quota: Script::new(include_str!("scripts/quota.lua")),
             heartbeat: Script::new(include_str!("scripts/heartbeat.lua")),
             breaker: Mutex::new(Breaker::default()),
             up: AtomicBool::new(true),
@@ -232,32 +296,81 @@ impl Store {
         Ok(store)
     }
 
-    /// Starts the heartbeat, which also probes an open breaker. It ends with the store.
-    pub(crate) fn start(self: &Arc<Self>) {
+    /// Starts the heartbeat, which also probes an open breaker and hears of the orgs other
+    /// replicas found out of quota (put in `exhausted`). It ends with the store.
+    pub(crate) fn start(self: &Arc<Self>, exhausted: &Arc<Exhausted>) {
         let weak: Weak<Self> = Arc::downgrade(self);
+        let exhausted = Arc::downgrade(exhausted);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(store) = weak.upgrade() else { return };
-                store.beat().await;
+                let Some(exhausted) = exhausted.upgrade() else {
+                    return;
+                };
+                store.beat(&exhausted).await;
             }
         });
     }
 
-    async fn beat(&self) {
-        let mut invocation = self.heartbeat.key(format!("{}replicas", self.prefix));
-        invocation.arg(&self.replica).arg(ALIVE.as_secs_f64());
+    /// The key every replica's global state shares a slot under.
+    fn global(&self, name: &str) -> String {
+        format!("{}{{sluice}}:{name}", self.prefix)
+    }
+
+    async fn beat(&self, exhausted: &Exhausted) {
+        let mut invocation = self.heartbeat.key(self.global("replicas"));
+        invocation
+            .key(self.global("quota"))
+            .arg(&self.replica)
+            .arg(ALIVE.as_secs_f64());
         // The heartbeat is the breaker's probe: it runs whether the breaker is open or not.
-        match self.call::<i64>(&invocation, true).await {
-            Ok(alive) => {
+        match self.call::<Vec<Value>>(&invocation, true).await {
+            Ok(reply) => {
+                let alive = reply.first().and_then(integer).unwrap_or(1);
                 let alive = usize::try_from(alive).unwrap_or(1).max(1);
                 self.replicas.store(alive, Ordering::Relaxed);
                 self.metrics.replicas.set(alive as i64);
+                let now = Instant::now();
+                for entry in reply.get(1..).unwrap_or_default().chunks_exact(4) {
+                    let (Some(org), Some(left), Some(status), Some(body)) = (
+                        text(&entry[0]),
+                        integer(&entry[1]),
+                        integer(&entry[2]),
+                        bytes(&entry[3]),
+                    ) else {
+                        continue;
+                    };
+                    let Ok(status) = http::StatusCode::from_u16(status as u16) else {
+                        continue;
+                    };
+                    let left = Duration::from_millis(left.max(0) as u64);
+                    exhausted.heard(&org, status, body, left, now);
+                }
             }
             Err(err) => tracing::debug!(error = err.label(), "shared store heartbeat failed"),
         }
+    }
+
+    /// Puts `org` in quota cool-down for every replica for `cooldown` (the upstream answered
+    /// `status` with `body`); they hear of it with their next heartbeat.
+    pub(crate) async fn quota(
+        &self,
+        org: &str,
+        cooldown: Duration,
+        status: http::StatusCode,
+        body: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.quota.key(self.global("quota"));
+        invocation
+            .arg(org)
+            .arg(cooldown.as_millis() as u64)
+            .arg(status.as_u16())
+            .arg(&body[..body.len().min(QUOTA_BODY_MAX)]);
+        let _: i64 = self.call(&invocation, false).await?;
+        Ok(())
     }
 
     /// Whether the store is in use now (the breaker is closed).
@@ -278,6 +391,22 @@ impl Store {
         up
     }
 
+    /// The store as the status view shows it.
+    pub(crate) fn report(&self) -> SharedStoreReport {
+        SharedStoreReport {
+            url: Some(self.url.clone()),
+            up: Some(self.is_up()),
+            replicas: Some(self.replicas() as u64),
+            on_store_error: Some(
+                match self.on_error {
+                    OnStoreError::Degrade => "degrade",
+                    OnStoreError::FailClosed => "fail_closed",
+                }
+                .to_owned(),
+            ),
+        }
+    }
+
     /// What a replica does while the store is down.
     pub(crate) fn on_error(&self) -> OnStoreError {
         self.on_error
@@ -288,20 +417,21 @@ impl Store {
         self.replicas.load(Ordering::Relaxed).max(1)
     }
 
-    /// The hash key of a bucket; org and model names are escaped so neither can end the hash
-    /// tag early.
-    pub(crate) fn bucket_key(&self, org: &str, model: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + org.len() + model.len() + 8);
-        key.push_str(&self.prefix);
-        key.push('{');
-        escape(&mut key, org);
-        key.push('/');
-        escape(&mut key, model);
-        key.push_str("}:b");
-        key
+    /// A bucket's keys; the org's name is escaped so it cannot end the hash tag early.
+    pub(crate) fn bucket_keys(&self, org: &str, model: &str) -> BucketKeys {
+        let mut tag = String::with_capacity(self.prefix.len() + org.len() + 2);
+        tag.push_str(&self.prefix);
+        tag.push('{');
+        escape(&mut tag, org);
+        tag.push('}');
+        BucketKeys {
+            bucket: format!("{tag}:b:{model}"),
+            marker: format!("{tag}:s:{}:", self.replica),
+        }
     }
 
     /// Takes `cost` from the bucket at `key`, all limits or none (see `scripts/admit.lua`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn admit(
         &self,
         key: &str,
@@ -309,8 +439,9 @@ impl Store {
         keep: f64,
         in_hand: f64,
         mode: Mode,
+        version: u64,
         meters: &[MeterSpec],
-    ) -> Result<Admission, StoreError> {
+    ) -> Result<Reply, StoreError> {
         let mut invocation = self.admit.key(key);
         invocation
             .arg(cost.requests)
@@ -318,85 +449,133 @@ impl Store {
             .arg(keep)
             .arg(in_hand)
             .arg(mode as u8)
-            .arg(ttl_ms(meters));
+            .arg(ttl_ms(meters))
+            .arg(version);
         for meter in meters {
             invocation
                 .arg(meter.name())
-                .arg(match meter.resource {
-                    Resource::Requests => 0,
-                    Resource::Tokens => 1,
-                })
+                .arg(resource_code(meter.resource))
                 .arg(meter.capacity)
                 .arg(meter.window.as_secs_f64())
                 .arg(meter.burst)
                 .arg(u8::from(meter.unproven));
         }
         let reply: Vec<Value> = self.call(&invocation, false).await?;
-        let number = |index: usize| -> Option<f64> {
-            match reply.get(index)? {
-                Value::Int(n) => Some(*n as f64),
-                Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
-                _ => None,
-            }
-        };
-        let code = number(0).ok_or(StoreError::Reply)?;
-        let millis = || {
-            number(1)
-                .map(|ms| Duration::from_millis(ms.max(0.0) as u64))
-                .ok_or(StoreError::Reply)
-        };
-        match code as i64 {
+        let number = |index: usize| reply.get(index).and_then(float).ok_or(StoreError::Reply);
+        let millis = || number(1).map(|ms| Duration::from_millis(ms.max(0.0) as u64));
+        let admission = match number(0)? as i64 {
             1 => {
                 let levels = (0..meters.len())
-                    .map(|index| number(index + 2).ok_or(StoreError::Reply))
+                    .map(|index| number(index + 9))
                     .collect::<Result<_, _>>()?;
-                Ok(Admission::Taken { levels })
+                Admission::Taken { levels }
             }
-            0 => Ok(Admission::Wait {
+            0 => Admission::Wait {
                 wait: millis()?,
                 unproven: false,
-            }),
-            2 => Ok(Admission::Wait {
+            },
+            2 => Admission::Wait {
                 wait: millis()?,
                 unproven: true,
-            }),
-            3 => Ok(Admission::Paused(millis()?)),
-            _ => Err(StoreError::Reply),
-        }
+            },
+            3 => Admission::Paused(millis()?),
+            _ => return Err(StoreError::Reply),
+        };
+        let sent = Sent {
+            requests: number(2)? as i64,
+            tokens: number(3)? as i64,
+        };
+        let stored = number(4)? as u64;
+        let learned = match reply.get(5..9) {
+            Some(fields) if text(&fields[0]).as_deref() != Some("-") => {
+                Some(learned_limits(fields).ok_or(StoreError::Reply)?)
+            }
+            _ => None,
+        };
+        Ok(Reply {
+            admission,
+            sent,
+            version: stored,
+            learned,
+        })
     }
 
-    /// Applies a reservation's settlement once: `deltas` per limit, positive charged beyond
-    /// the estimate, negative refunded. `Ok(false)` when this `ticket` was already settled.
-    pub(crate) async fn settle(
+    /// Publishes the limits this replica learned from the upstream's headers; returns their
+    /// version in the store (raised when they changed).
+    pub(crate) async fn learn(
         &self,
         key: &str,
+        limits: &Limits,
+        meters: &[MeterSpec],
+    ) -> Result<u64, StoreError> {
+        let mut invocation = self.learn.key(key);
+        invocation.arg(ttl_ms(meters));
+        for limit in [limits.rpm, limits.tpm, limits.rpd, limits.tpd] {
+            invocation.arg(limit.map_or_else(String::new, |limit| limit.to_string()));
+        }
+        let version: i64 = self.call(&invocation, false).await?;
+        Ok(version.max(0) as u64)
+    }
+
+    /// The learned limits every replica shares, and their version (0 and none when nothing
+    /// was published).
+    pub(crate) async fn learned(&self, key: &str) -> Result<(u64, Limits), StoreError> {
+        let invocation = self.learned.key(key);
+        let reply: Vec<Value> = self.call(&invocation, false).await?;
+        let version = reply.first().and_then(integer).ok_or(StoreError::Reply)?;
+        let limits = reply
+            .get(1..5)
+            .and_then(learned_limits)
+            .ok_or(StoreError::Reply)?;
+        Ok((version.max(0) as u64, limits))
+    }
+
+    /// Applies a reservation's settlement once: `cost` per limit, charged beyond the
+    /// estimate or `refund`ed, and the `correction` its response's headers asked for, if
+    /// any, in the same round trip. `Ok(false)` when this `ticket` was already settled.
+    pub(crate) async fn settle(
+        &self,
+        keys: &BucketKeys,
         ticket: u64,
         meters: &[MeterSpec],
         cost: Cost,
         refund: bool,
+        correction: Option<&Correction>,
     ) -> Result<bool, StoreError> {
-        let marker = format!(
-            "{}:s:{}:{ticket}",
-            key.strip_suffix(":b").unwrap_or(key),
-            self.replica
-        );
-        let mut invocation = self.settle.key(key);
+        let mut invocation = self.settle.key(&keys.bucket);
         invocation
-            .key(marker)
+            .key(format!("{}{ticket}", keys.marker))
             .arg(SETTLED_TTL.as_millis() as u64)
             .arg(ttl_ms(meters));
+        match correction {
+            Some(correction) => invocation
+                .arg(correction.sent.requests)
+                .arg(correction.sent.tokens)
+                .arg(correction.at.elapsed().as_secs_f64()),
+            None => invocation.arg("").arg("").arg(0),
+        };
         let sign = if refund { -1.0 } else { 1.0 };
         for meter in meters {
-            let amount = match meter.resource {
-                Resource::Requests => cost.requests,
-                Resource::Tokens => cost.tokens,
-            };
+            let amount = cost.of(meter.resource);
+            let remaining = correction
+                .and_then(|correction| {
+                    correction
+                        .remaining
+                        .iter()
+                        .find(|(resource, window, _)| {
+                            *resource == meter.resource && *window == meter.window
+                        })
+                        .map(|(_, _, remaining)| remaining.to_string())
+                })
+                .unwrap_or_default();
             invocation
                 .arg(meter.name())
+                .arg(resource_code(meter.resource))
                 .arg(meter.capacity)
                 .arg(meter.window.as_secs_f64())
                 .arg(meter.burst)
-                .arg(sign * amount as f64);
+                .arg(sign * amount)
+                .arg(remaining);
         }
         let applied: i64 = self.call(&invocation, false).await?;
         Ok(applied == 1)
@@ -529,6 +708,64 @@ impl Store {
     }
 }
 
+/// How the scripts name a resource.
+fn resource_code(resource: Resource) -> u8 {
+    match resource {
+        Resource::Requests => 0,
+        Resource::Tokens => 1,
+    }
+}
+
+fn float(value: &Value) -> Option<f64> {
+    match value {
+        Value::Int(n) => Some(*n as f64),
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn integer(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn bytes(value: &Value) -> Option<bytes::Bytes> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes::Bytes::copy_from_slice(bytes)),
+        Value::SimpleString(text) => Some(bytes::Bytes::copy_from_slice(text.as_bytes())),
+        _ => None,
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Learned limits as the scripts return them: rpm, tpm, rpd, tpd, empty for none.
+fn learned_limits(fields: &[Value]) -> Option<Limits> {
+    let limit = |value: &Value| -> Option<Option<u64>> {
+        let text = text(value)?;
+        if text.is_empty() {
+            return Some(None);
+        }
+        text.parse().ok().map(Some)
+    };
+    Some(Limits {
+        rpm: limit(fields.first()?)?,
+        tpm: limit(fields.get(1)?)?,
+        rpd: limit(fields.get(2)?)?,
+        tpd: limit(fields.get(3)?)?,
+    })
+}
+
 /// A bucket hash's TTL: two of its longest windows (it is full again by then).
 fn ttl_ms(meters: &[MeterSpec]) -> u64 {
     let longest = meters
@@ -609,8 +846,8 @@ mod tests {
         }]
     }
 
-    fn level(admission: Admission) -> f64 {
-        match admission {
+    fn level(reply: Reply) -> f64 {
+        match reply.admission {
             Admission::Taken { levels } => levels[0],
             other => panic!("not taken: {other:?}"),
         }
@@ -620,7 +857,8 @@ mod tests {
     async fn admission_is_all_or_nothing_and_says_how_long_to_wait() {
         let redis = Redis::start();
         let store = redis.store();
-        let key = store.bucket_key("acme", "gpt-4o");
+        let keys = store.bucket_keys("acme", "gpt-4o");
+        let key = keys.bucket.clone();
         let meters = tpm(6000.0);
         let take = |tokens| {
             store.admit(
@@ -632,13 +870,14 @@ mod tests {
                 0.0,
                 0.0,
                 Mode::New,
+                0,
                 &meters,
             )
         };
         let after = level(take(5000).await.expect("admitted"));
         assert!((1000.0..1002.0).contains(&after), "{after}");
         // 2000 more do not fit; the wait is the refill of the missing ~1000 (100 per second).
-        match take(2000).await.expect("answered") {
+        match take(2000).await.expect("answered").admission {
             Admission::Wait { wait, unproven } => {
                 assert!(!unproven);
                 assert!(
@@ -657,7 +896,8 @@ mod tests {
     async fn a_settle_is_applied_once_per_reservation() {
         let redis = Redis::start();
         let store = redis.store();
-        let key = store.bucket_key("acme", "gpt-4o");
+        let keys = store.bucket_keys("acme", "gpt-4o");
+        let key = keys.bucket.clone();
         let meters = tpm(6000.0);
         let nothing = Cost {
             requests: 0,
@@ -672,6 +912,7 @@ mod tests {
             0.0,
             0.0,
             Mode::New,
+            0,
             &meters,
         );
         let before = level(taken.await.expect("admitted"));
@@ -680,17 +921,17 @@ mod tests {
             tokens: 1000,
         };
         assert!(store
-            .settle(&key, 7, &meters, refund, true)
+            .settle(&keys, 7, &meters, refund, true, None)
             .await
             .expect("settled"));
         // The same reservation again (a retried or replayed settle): not applied.
         assert!(!store
-            .settle(&key, 7, &meters, refund, true)
+            .settle(&keys, 7, &meters, refund, true, None)
             .await
             .expect("answered"));
         let after = level(
             store
-                .admit(&key, nothing, 0.0, 0.0, Mode::New, &meters)
+                .admit(&key, nothing, 0.0, 0.0, Mode::New, 0, &meters)
                 .await
                 .expect("admitted"),
         );
@@ -700,7 +941,7 @@ mod tests {
         );
         // Another reservation's debt is its own.
         assert!(store
-            .settle(&key, 8, &meters, refund, false)
+            .settle(&keys, 8, &meters, refund, false, None)
             .await
             .expect("settled"));
     }
@@ -709,7 +950,8 @@ mod tests {
     async fn a_pause_holds_for_every_caller_and_a_longer_one_stands() {
         let redis = Redis::start();
         let store = redis.store();
-        let key = store.bucket_key("acme", "gpt-4o");
+        let keys = store.bucket_keys("acme", "gpt-4o");
+        let key = keys.bucket.clone();
         let meters = tpm(6000.0);
         let left = store
             .pause(&key, Duration::from_secs(2), &meters)
@@ -726,9 +968,10 @@ mod tests {
             tokens: 1,
         };
         match store
-            .admit(&key, cost, 0.0, 0.0, Mode::New, &meters)
+            .admit(&key, cost, 0.0, 0.0, Mode::New, 0, &meters)
             .await
             .expect("answered")
+            .admission
         {
             Admission::Paused(wait) => assert!(wait > Duration::from_millis(1800), "{wait:?}"),
             other => panic!("{other:?}"),
@@ -739,7 +982,8 @@ mod tests {
     async fn a_burst_one_replica_found_smaller_caps_every_replica() {
         let redis = Redis::start();
         let store = redis.store();
-        let key = store.bucket_key("acme", "gpt-4o");
+        let keys = store.bucket_keys("acme", "gpt-4o");
+        let key = keys.bucket.clone();
         let rpm = |burst| {
             vec![MeterSpec {
                 resource: Resource::Requests,
@@ -761,9 +1005,10 @@ mod tests {
         // Another replica still believes in the whole 240: it waits for the refill (4 per
         // second) like the first, instead of sending a burst into the quantized limit.
         match store
-            .admit(&key, one, 0.0, 0.0, Mode::New, &rpm(240.0))
+            .admit(&key, one, 0.0, 0.0, Mode::New, 0, &rpm(240.0))
             .await
             .expect("answered")
+            .admission
         {
             Admission::Wait { wait, .. } => {
                 assert!(wait <= Duration::from_millis(260), "{wait:?}");
@@ -773,7 +1018,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let level = level(
             store
-                .admit(&key, one, 0.0, 0.0, Mode::New, &rpm(240.0))
+                .admit(&key, one, 0.0, 0.0, Mode::New, 0, &rpm(240.0))
                 .await
                 .expect("admitted"),
         );
@@ -786,13 +1031,14 @@ mod tests {
         let redis = Redis::start();
         let store = redis.store();
         drop(redis);
-        let key = store.bucket_key("acme", "gpt-4o");
+        let keys = store.bucket_keys("acme", "gpt-4o");
+        let key = keys.bucket.clone();
         let cost = Cost {
             requests: 1,
             tokens: 1,
         };
         let first = store
-            .admit(&key, cost, 0.0, 0.0, Mode::New, &tpm(10.0))
+            .admit(&key, cost, 0.0, 0.0, Mode::New, 0, &tpm(10.0))
             .await;
         assert!(
             matches!(first, Err(StoreError::Connection | StoreError::Timeout)),
@@ -801,7 +1047,7 @@ mod tests {
         assert!(!store.is_up());
         let started = Instant::now();
         let second = store
-            .admit(&key, cost, 0.0, 0.0, Mode::New, &tpm(10.0))
+            .admit(&key, cost, 0.0, 0.0, Mode::New, 0, &tpm(10.0))
             .await;
         assert_eq!(second, Err(StoreError::Down));
         assert!(started.elapsed() < Duration::from_millis(5));

@@ -139,7 +139,7 @@ impl Exchange<'_> {
                     "ignored malformed x-ratelimit-* headers"
                 );
             }
-            if let Some(admitted) = admission.as_ref() {
+            if let Some(admitted) = admission.as_mut() {
                 admitted.reservation.observe(&limits);
             }
             let status = response.status();

@@ -1,17 +1,36 @@
 -- One admission, all or nothing, on the server's clock (sluice: src/limiter/store.rs).
 -- KEYS[1]: the bucket's hash. ARGV: 1 requests, 2 tokens, 3 keep (share of each burst left
 -- to others, 0..1), 4 seconds of refill kept in hand, 5 mode (0 new request, 1 the request
--- that proves the burst, 2 a refused request sent again), 6 the hash's TTL in ms, then per
--- limit six values: name, resource (0 requests, 1 tokens), capacity, window in seconds,
--- burst, whether the burst is unproven (1/0).
--- Returns {1, seq, level...} when taken, or {code, wait_ms}: 0 wait for the refill, 2 only as
--- the burst's proof, 3 paused after an upstream 429.
+-- that proves the burst, 2 a refused request sent again), 6 the hash's TTL in ms, 7 the
+-- version of the learned limits the caller has (see learn.lua), then per limit six values:
+-- name, resource (0 requests, 1 tokens), capacity, window in seconds, burst, whether the
+-- burst is unproven (1/0).
+-- Returns {code, n, sent_requests, sent_tokens, version, rpm, tpm, rpd, tpd, level...}: code 1
+-- taken (n unused, then the levels after it), or 0 wait n ms for the refill, 2 only as the
+-- burst's proof, 3 paused after an upstream 429 for n ms. sent_*: what all replicas had
+-- taken until now, this admission included (a header is corrected for what came after its
+-- request: correct.lua). version and the four learned limits ('' for none) come when the
+-- store's version is newer than the caller's, '-' otherwise.
 local key = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local learned = redis.call('HMGET', key, 'lv', 'll:rm', 'll:tm', 'll:rd', 'll:td')
+local version = tonumber(learned[1] or '0') or 0
+local function header(code, n)
+  local reply = {code, n, redis.call('HGET', key, 's') or '0', redis.call('HGET', key, 'st') or '0',
+    tostring(version)}
+  for j = 2, 5 do
+    if version > tonumber(ARGV[7]) then
+      reply[#reply + 1] = learned[j] or ''
+    else
+      reply[#reply + 1] = '-'
+    end
+  end
+  return reply
+end
 local pause = tonumber(redis.call('HGET', key, 'p') or '0')
 if pause > now then
-  return {3, math.ceil((pause - now) * 1000)}
+  return header(3, math.ceil((pause - now) * 1000))
 end
 local updated = tonumber(redis.call('HGET', key, 'u') or '') or now
 local elapsed = math.max(0, now - updated)
@@ -21,7 +40,7 @@ local in_hand = tonumber(ARGV[4])
 local mode = tonumber(ARGV[5])
 local wait, unproven_wait = 0, 0
 local meters = {}
-local i = 7
+local i = 8
 while i + 5 <= #ARGV do
   local name = ARGV[i]
   local amount = cost[tonumber(ARGV[i + 1]) + 1]
@@ -79,14 +98,16 @@ local function save(take)
 end
 if wait > 0 then
   save(false)
-  return {0, math.ceil(wait * 1000)}
+  return header(0, math.ceil(wait * 1000))
 end
 if unproven_wait > 0 then
   save(false)
-  return {2, math.ceil(unproven_wait * 1000)}
+  return header(2, math.ceil(unproven_wait * 1000))
 end
 save(true)
-local reply = {1, redis.call('HINCRBY', key, 's', 1)}
+redis.call('HINCRBY', key, 's', ARGV[1])
+redis.call('HINCRBY', key, 'st', ARGV[2])
+local reply = header(1, 0)
 for _, m in ipairs(meters) do
   reply[#reply + 1] = tostring(m[2])
 end

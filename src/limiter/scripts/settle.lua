@@ -1,7 +1,13 @@
--- Settles one reservation once (sluice: src/limiter/store.rs).
--- KEYS[1]: the bucket's hash; KEYS[2]: the reservation's settled marker. ARGV: 1 the marker's
--- TTL in ms, 2 the hash's TTL in ms, then per limit five values: name, capacity, window in
--- seconds, burst, delta (positive: charged beyond the estimate; negative: refunded).
+-- Settles one reservation once, and lowers its bucket's levels to what the upstream's headers
+-- said it had left, less what every replica took after the request those headers answered
+-- (sluice: src/limiter/store.rs). Both ride one round trip: the correction comes with the
+-- request's settlement.
+-- KEYS[1]: the bucket's hash; KEYS[2]: the reservation's settled marker. ARGV: 1 the
+-- marker's TTL in ms, 2 the hash's TTL in ms, 3 what all replicas had taken when the request
+-- was admitted (sent_requests; '' for no correction), 4 the same in tokens, 5 seconds since
+-- the request was sent, then per limit seven values: name, resource (0 requests, 1 tokens),
+-- capacity, window in seconds, burst, delta (positive: charged beyond the estimate; negative:
+-- refunded; 0 for none), remaining per the headers ('' for unknown).
 -- Returns 1 when applied, 0 when this reservation was already settled.
 local key = KEYS[1]
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
@@ -11,20 +17,39 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local updated = tonumber(redis.call('HGET', key, 'u') or '') or now
 local elapsed = math.max(0, now - updated)
-local i = 3
-while i + 4 <= #ARGV do
+local unseen = {0, 0}
+if ARGV[3] ~= '' then
+  -- A store restarted empty counts from zero again: nothing after is unseen then.
+  unseen[1] = math.max(0, tonumber(redis.call('HGET', key, 's') or '0') - tonumber(ARGV[3]))
+  unseen[2] = math.max(0, tonumber(redis.call('HGET', key, 'st') or '0') - tonumber(ARGV[4]))
+end
+local age = tonumber(ARGV[5])
+local i = 6
+while i + 6 <= #ARGV do
   local name = ARGV[i]
-  local capacity = tonumber(ARGV[i + 1])
-  local rate = capacity / tonumber(ARGV[i + 2])
-  local burst = tonumber(ARGV[i + 3])
-  local delta = tonumber(ARGV[i + 4])
+  local resource = tonumber(ARGV[i + 1]) + 1
+  local capacity = tonumber(ARGV[i + 2])
+  local rate = capacity / tonumber(ARGV[i + 3])
+  local burst = tonumber(ARGV[i + 4])
+  local delta = tonumber(ARGV[i + 5])
   local level = tonumber(redis.call('HGET', key, 'l:' .. name) or '') or burst
+  local old_capacity = tonumber(redis.call('HGET', key, 'c:' .. name) or '')
+  if old_capacity ~= nil and old_capacity ~= capacity then
+    -- A changed limit keeps what was spent (as in admit.lua).
+    level = math.max(-burst, math.min(burst, level + capacity - old_capacity))
+  end
   level = math.min(burst, level + rate * elapsed) - delta
   if delta < 0 then
     level = math.min(level, burst)
   end
+  if ARGV[3] ~= '' and ARGV[i + 6] ~= '' then
+    local implied = math.min(tonumber(ARGV[i + 6]) + rate * age, burst) - unseen[resource]
+    if implied < level then
+      level = math.max(implied, -burst)
+    end
+  end
   redis.call('HSET', key, 'l:' .. name, tostring(level), 'c:' .. name, tostring(capacity))
-  i = i + 5
+  i = i + 7
 end
 redis.call('HSET', key, 'u', tostring(now))
 -- Only ever lengthened: a pause (or another replica's longer window) keeps its TTL.
