@@ -24,6 +24,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
+# Layered over COMPOSE: two replicas sharing one budget through Redis.
+COMPOSE_SHARED = DEPLOY / "docker-compose.shared.yml"
 KUBERNETES = DEPLOY / "kubernetes"
 DASHBOARD = DEPLOY / "grafana" / "sluice-dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -254,6 +256,56 @@ def check_compose(problems, stages):
                          "should only run with --profile mock")
 
 
+def check_compose_shared(problems):
+    where = rel(COMPOSE_SHARED)
+    docs = load_yaml_documents(COMPOSE_SHARED, problems)
+    if not problems.require(len(docs) == 1 and isinstance(docs[0], dict), where,
+                            "should be one YAML mapping"):
+        return
+    services = docs[0].get("services") or {}
+    base = (yaml.safe_load(COMPOSE.read_text(encoding="utf-8")) or {}).get("services") or {}
+    for name in ("redis", "sluice", "sluice-2", "app-2"):
+        problems.require(name in services, where, f"no service {name}")
+    redis = services.get("redis") or {}
+    problems.require("image" in redis, f"{where}: services.redis", "needs an image")
+    urls = {}
+    for name in ("sluice", "sluice-2"):
+        at = f"{where}: services.{name}"
+        service = services.get(name) or {}
+        env = service.get("environment") or {}
+        urls[name] = env.get("SLUICE_REDIS_URL")
+        problems.require(str(urls[name]).startswith("redis://redis:"), at,
+                         "SLUICE_REDIS_URL should name the redis service")
+        problems.require(((service.get("depends_on") or {}).get("redis") or {}).get("condition")
+                         == "service_healthy", at, "should wait for redis to be healthy")
+    problems.require(len(set(urls.values())) == 1, where,
+                     "both replicas must share one store (the same SLUICE_REDIS_URL)")
+    first, second = base.get("sluice") or {}, services.get("sluice-2") or {}
+    at = f"{where}: services.sluice-2"
+    problems.require(second.get("image") == first.get("image"), at,
+                     "should run the image the first replica builds")
+    problems.require(second.get("volumes") == first.get("volumes"), at,
+                     "should mount the first replica's configuration")
+    first_env = first.get("environment") or {}
+    second_env = second.get("environment") or {}
+    for key in ("SLUICE_CONFIG", "SLUICE_UPSTREAM", "OPENAI_API_KEY", "SLUICE_CLIENT_TOKENS"):
+        problems.require(second_env.get(key) == first_env.get(key), at,
+                         f"{key} differs from the first replica's")
+    test = (second.get("healthcheck") or {}).get("test") or []
+    problems.require(test[:1] == ["CMD"] and "healthcheck" in test, at,
+                     "healthcheck.test should be [CMD, /usr/local/bin/sluice, healthcheck]")
+    problems.require("ports" not in second, at, "the second replica is not published on the host")
+    app_env = (services.get("app-2") or {}).get("environment") or {}
+    problems.require(app_env.get("OPENAI_BASE_URL") == "http://sluice-2:8787/v1",
+                     f"{where}: services.app-2", "OPENAI_BASE_URL should be http://sluice-2:8787/v1")
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+            if source.startswith("."):
+                problems.require((COMPOSE_SHARED.parent / source).exists(), f"{where}: services.{name}",
+                                 f"mounted path {source} does not exist")
+
+
 # --- Kubernetes --------------------------------------------------------------------------
 
 def kubernetes_objects(problems):
@@ -290,14 +342,28 @@ def check_kubernetes(problems):
                          where, "every object needs apiVersion, kind and metadata.name")
     configmaps = {d["metadata"]["name"]: d for _, d in by_kind.get("ConfigMap", [])}
     secrets = {d["metadata"]["name"]: d for _, d in by_kind.get("Secret", [])}
-    deployments = by_kind.get("Deployment", [])
-    problems.require(deployments, rel(KUBERNETES), "no Deployment")
+    services = {d["metadata"]["name"]: d for _, d in by_kind.get("Service", [])}
+    # The app's Deployment carries the sidecar; others (the shared store's Redis) do not.
+    deployments = [(path, d) for path, d in by_kind.get("Deployment", []) if sluice_container(d)]
+    problems.require(deployments, rel(KUBERNETES), "no Deployment with a container named sluice")
     for path, deployment in deployments:
         where = f"{rel(path)}: {deployment['metadata']['name']}"
         pod = deployment["spec"]["template"]
         container = sluice_container(deployment)
-        if not problems.require(container, where, "no container named sluice"):
-            continue
+        # Several replicas must share one budget: a Redis Service the sidecars all name.
+        env = {var.get("name"): var.get("value") for var in container.get("env", [])}
+        if (deployment["spec"].get("replicas") or 1) > 1:
+            url = env.get("SLUICE_REDIS_URL") or ""
+            problems.require(url, where, "several replicas without SLUICE_REDIS_URL would each "
+                             "spend the whole budget")
+            match = re.match(r"rediss?://(?:[^@/]*@)?([^:/]+)(?::(\d+))?", url)
+            host, port = (match.group(1), int(match.group(2) or 6379)) if match else ("", 0)
+            service = services.get(host)
+            if problems.require(service, where, f"SLUICE_REDIS_URL names {host!r}, no Service of "
+                                "the manifests"):
+                ports = {p.get("port") for p in service["spec"].get("ports", [])}
+                problems.require(port in ports, where,
+                                 f"Service {host} does not serve port {port}")
         args = container.get("args", [])
         flags = dict(zip(args[::2], args[1::2]))
         problems.require(flags.get("--listen", "").startswith("127.0.0.1:"), where,
@@ -503,6 +569,11 @@ def check_binary(binary, problems):
         problems)
     test = sluice["healthcheck"]["test"]
     run("compose: healthcheck command", [binary, *test[2:]], env, {0, 1}, problems)
+    # The shared replicas: the same file with the store's URL from their environment.
+    shared = yaml.safe_load(COMPOSE_SHARED.read_text(encoding="utf-8"))["services"]["sluice-2"]
+    env = {**base, **image, **{k: interpolate(v) for k, v in (shared.get("environment") or {}).items()}}
+    run("compose (shared): check-config deploy/compose/sluice.toml with SLUICE_REDIS_URL",
+        [binary, "check-config", str(DEPLOY / "compose" / "sluice.toml")], env, {0}, problems)
 
     # Kubernetes: the ConfigMap's file, the container's args and environment, the probes.
     secrets, configmaps, deployments = {}, {}, []
@@ -553,6 +624,7 @@ def main(argv):
     if argv[1:2] == ["files"]:
         stages = check_dockerfile(problems)
         check_compose(problems, stages)
+        check_compose_shared(problems)
         check_kubernetes(problems)
         check_dashboard(problems)
         check_prometheus(problems)

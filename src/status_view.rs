@@ -23,6 +23,23 @@ pub fn render(status: &Value) -> String {
         ""
     };
     let _ = writeln!(out, "sluice {version}, upstream {upstream}{draining}");
+    if let Some(store) = &status.shared_store {
+        let url = store.url.as_deref().unwrap_or("?");
+        let replicas = store
+            .replicas
+            .map_or_else(|| "?".to_owned(), |replicas| replicas.to_string());
+        let state = match (store.up, store.on_store_error.as_deref()) {
+            (Some(true), _) => format!("up, {replicas} replicas alive"),
+            (Some(false), Some("fail_closed")) => {
+                "DOWN: refusing metered requests (on_store_error = fail_closed)".to_owned()
+            }
+            (Some(false), _) => {
+                format!("DOWN: each replica spends its share of the limits (1/{replicas})")
+            }
+            (None, _) => "?".to_owned(),
+        };
+        let _ = writeln!(out, "shared store {url}: {state}");
+    }
     out.push('\n');
 
     if status.buckets.is_empty() {
@@ -58,12 +75,13 @@ fn bucket_table(buckets: &[BucketReport]) -> Table {
         let in_force = &bucket.limits.in_force;
         in_force.rpd.is_some() || in_force.tpd.is_some()
     });
-    let mut columns = vec![
-        ("ORG", Align::Left),
-        ("MODEL", Align::Left),
-        ("RPM", Align::Right),
-        ("TPM", Align::Right),
-    ];
+    // So is the sharing column: only with a shared store.
+    let shared = buckets.iter().any(|bucket| bucket.sharing.is_some());
+    let mut columns = vec![("ORG", Align::Left), ("MODEL", Align::Left)];
+    if shared {
+        columns.push(("SHARED", Align::Left));
+    }
+    columns.extend([("RPM", Align::Right), ("TPM", Align::Right)]);
     if daily {
         columns.extend([("RPD", Align::Right), ("TPD", Align::Right)]);
     }
@@ -85,12 +103,14 @@ fn bucket_table(buckets: &[BucketReport]) -> Table {
         let upstream = bucket.upstream.as_ref();
         let family = |family| upstream.and_then(|upstream| upstream.family(family));
         let queue = &bucket.queue;
-        let mut row = vec![
-            text(bucket.org.as_deref()),
-            text(bucket.model.as_deref()),
-            whole(in_force.rpm),
-            whole(in_force.tpm),
-        ];
+        let mut row = vec![text(bucket.org.as_deref()), text(bucket.model.as_deref())];
+        if shared {
+            row.push(match (bucket.sharing.as_deref(), bucket.share_of) {
+                (Some("degraded"), Some(replicas)) => format!("degraded 1/{replicas}"),
+                (sharing, _) => text(sharing),
+            });
+        }
+        row.extend([whole(in_force.rpm), whole(in_force.tpm)]);
         if daily {
             row.extend([whole(in_force.rpd), whole(in_force.tpd)]);
         }
@@ -415,6 +435,33 @@ mod tests {
         let text = render(&status);
         assert!(text.lines().next().is_some_and(|l| l.contains("draining")));
         assert!(text.contains("Quota cool-down: none."), "{text}");
+    }
+
+    #[test]
+    fn a_shared_store_and_each_buckets_sharing_are_shown() {
+        assert!(!row(&render(&sample()), "ORG").contains("SHARED"));
+        let mut status = sample();
+        status["shared_store"] = json!({
+            "url": "redis://redis:6379/0", "up": false, "replicas": 3,
+            "on_store_error": "degrade",
+        });
+        status["buckets"][0]["sharing"] = json!("degraded");
+        status["buckets"][0]["share_of"] = json!(3);
+        status["buckets"][1]["sharing"] = json!("local");
+        let text = render(&status);
+        assert!(
+            text.contains(
+                "shared store redis://redis:6379/0: DOWN: each replica spends its share of \
+                 the limits (1/3)"
+            ),
+            "{text}"
+        );
+        let acme: Vec<&str> = row(&text, "acme").split_whitespace().collect();
+        assert_eq!(acme[..5], ["acme", "gpt-4o-mini", "degraded", "1/3", "500"]);
+        let unknown: Vec<&str> = row(&text, "key-").split_whitespace().collect();
+        assert_eq!(unknown[2], "local");
+        status["shared_store"]["up"] = json!(true);
+        assert!(render(&status).contains("redis://redis:6379/0: up, 3 replicas alive"));
     }
 
     #[test]

@@ -233,6 +233,12 @@ pub(crate) struct MeterSpec {
     pub burst: f64,
     /// Whether only a [`QUANTUM`]'s worth may go at once until a request proves the rest.
     pub unproven: bool,
+    /// The level this replica last knew (the store's, refilled since): what a store that
+    /// lost the bucket (restarted empty) starts it at, so a restart never resets a live window.
+    pub level: f64,
+    /// Charged by the admission before anything is taken: what this replica spent from its
+    /// share while the store was out of reach.
+    pub debt: f64,
 }
 
 /// Why a cost cannot be admitted.
@@ -324,32 +330,22 @@ impl Bucket {
                 capacity: meter.capacity,
                 burst: meter.burst,
                 unproven: !meter.proven && meter.burst > meter.quantum(),
+                level: meter.level,
+                debt: 0.0,
             })
             .collect()
+    }
+
+    /// [`Bucket::specs`], with the levels refilled to `now`.
+    pub(crate) fn specs_at(&mut self, now: Instant) -> Vec<MeterSpec> {
+        self.refill(now);
+        self.specs()
     }
 
     /// The levels now, in the order of [`Bucket::specs`].
     pub(crate) fn levels(&mut self, now: Instant) -> Vec<f64> {
         self.refill(now);
         self.meters.iter().map(|meter| meter.level).collect()
-    }
-
-    /// What was taken from the per-minute limits and has not refilled yet (the burst less
-    /// the level, at least nothing).
-    pub(crate) fn unrefilled(&mut self, now: Instant) -> Cost {
-        self.refill(now);
-        let mut spent = Cost {
-            requests: 0,
-            tokens: 0,
-        };
-        for meter in self.meters.iter().filter(|meter| meter.window == MINUTE) {
-            let units = (meter.burst - meter.level).max(0.0).round() as u64;
-            match meter.resource {
-                Resource::Requests => spent.requests = units,
-                Resource::Tokens => spent.tokens = units,
-            }
-        }
-        spent
     }
 
     /// Takes the levels a shared store reported (in the order of [`Bucket::specs`]), so

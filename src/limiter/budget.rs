@@ -157,13 +157,21 @@ struct State {
     learned: Learned,
     gate: Gate,
     last_429: Option<Refused>,
-    /// While the shared store is out of reach: this replica's share of the limits, and the
-    /// number of replicas it was divided by.
-    degraded: Option<(Bucket, usize)>,
+    /// While the shared store is out of reach: this replica's share of the limits.
+    degraded: Option<Degraded>,
     /// The version of the store's learned limits this bucket took (see `scripts/learn.lua`).
     version: u64,
     /// The store was asked for learned limits while this bucket was learning its own.
     asked: bool,
+}
+
+/// A replica's share of a bucket while the shared store is out of reach.
+struct Degraded {
+    share: Bucket,
+    /// The replicas the limits were divided by.
+    replicas: usize,
+    /// What this replica spent from its share (charged to the shared bucket on recovery).
+    spent: Cost,
 }
 
 /// Where a shared bucket lives in the store.
@@ -267,7 +275,7 @@ impl Budget {
     pub(crate) async fn take(&self, cost: Cost, priority: Priority, now: Instant) -> Go {
         let keep = self.keep(priority);
         self.ask_learned(now).await;
-        let (shared, probe, specs, in_hand, version) = {
+        let (shared, probe, mut specs, in_hand, version, owed) = {
             let mut state = self.lock();
             let probe = match state.gate.check(false, now) {
                 Pass::Go(probe) => probe,
@@ -283,17 +291,25 @@ impl Budget {
                     return take_from(bucket, gate, probe, cost, keep, now);
                 }
             };
-            let specs = state.bucket.specs();
             if let Err(never) = state.bucket.fits_ever(cost) {
                 return Go::Never(never);
             }
             if !shared.store.usable() {
                 return self.take_degraded(&mut state, shared, probe, cost, keep, now);
             }
+            let owed = owed(&state);
+            let specs = with_debt(state.bucket.specs_at(now), owed);
             // Claimed before the round trip, so no other request takes the same probe
             // meanwhile; given back if the store refuses.
             state.gate.claim(probe, now);
-            (shared, probe, specs, state.bucket.in_hand(), state.version)
+            (
+                shared,
+                probe,
+                specs,
+                state.bucket.in_hand(),
+                state.version,
+                owed,
+            )
         };
         // Gives the probes back if the admission does not complete, also when this future is
         // dropped during a round trip (the client left).
@@ -308,6 +324,9 @@ impl Budget {
             .await;
         if let Ok(reply) = &answer {
             self.absorb(reply, now);
+            if self.recovered(reply, shared, owed) {
+                specs = with_debt(specs, Cost::default());
+            }
         }
         if let Ok(Reply {
             admission: Admission::Wait { unproven: true, .. },
@@ -338,9 +357,7 @@ impl Budget {
         }) = &answer
         {
             claimed.probes = [None, None];
-            let mut state = self.lock();
-            state.bucket.mirror(levels, now);
-            self.recover(&mut state, shared, now);
+            self.lock().bucket.mirror(levels, now);
             return Go::Now(Ticket::next(Some(*sent)), going);
         }
         drop(claimed);
@@ -437,26 +454,37 @@ impl Budget {
         state.apply_limits(now)
     }
 
-    /// The store answered an admission again: a replica that was degraded charges the shared
-    /// bucket what it spent from its share meanwhile and has not refilled yet (the other
-    /// replicas spent theirs from the same upstream budget).
-    fn recover(&self, state: &mut State, shared: &Shared, now: Instant) {
-        let Some((mut share, _)) = state.degraded.take() else {
-            return;
+    /// The store ran an admission: a replica that was degraded is not any more, and the
+    /// admission charged the shared bucket `owed`, what it spent from its share meanwhile
+    /// (see [`owed`]; the other replicas spent theirs from the same upstream budget), in the
+    /// same round trip, so no request admitted right after the recovery finds budget that
+    /// was spent. Returns whether it did (not for a paused bucket: the script stopped there).
+    fn recovered(&self, reply: &Reply, shared: &Shared, owed: Cost) -> bool {
+        if matches!(reply.admission, Admission::Paused(_)) {
+            return false;
+        }
+        let mut state = self.lock();
+        let Some(degraded) = state.degraded.take() else {
+            return true;
         };
-        let spent = share.unrefilled(now);
         tracing::info!(
             org = %self.org,
             model = %self.model,
-            requests = spent.requests,
-            tokens = spent.tokens,
-            "shared store back: charging the shared bucket what this replica spent meanwhile"
+            requests = owed.requests,
+            tokens = owed.tokens,
+            "shared store back: charged the shared bucket what this replica spent meanwhile"
         );
-        if spent.requests > 0 || spent.tokens > 0 {
+        // Spent from the share while the charge was on its way: charged on its own.
+        let left = Cost {
+            requests: degraded.spent.requests.saturating_sub(owed.requests),
+            tokens: degraded.spent.tokens.saturating_sub(owed.tokens),
+        };
+        if left.requests > 0 || left.tokens > 0 {
             let specs = state.bucket.specs();
             let id = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
-            self.spawn_settle(shared, id, specs, spent, false, None);
+            self.spawn_settle(shared, id, specs, left, false, None);
         }
+        true
     }
 
     /// Admission while the shared store is out of reach: from this replica's share of the
@@ -477,10 +505,10 @@ impl Budget {
         let replicas = shared.store.replicas();
         let limits = state.limits.share(replicas);
         match &mut state.degraded {
-            Some((bucket, share)) if *share != replicas => {
+            Some(degraded) if degraded.replicas != replicas => {
                 // A changed share keeps what was spent.
-                bucket.set_limits(&limits, now);
-                *share = replicas;
+                degraded.share.set_limits(&limits, now);
+                degraded.replicas = replicas;
             }
             Some(_) => {}
             None => {
@@ -506,21 +534,32 @@ impl Budget {
                     .map(|level| level / replicas as f64)
                     .collect();
                 bucket.mirror(&left, now);
-                state.degraded = Some((bucket, replicas));
+                state.degraded = Some(Degraded {
+                    share: bucket,
+                    replicas,
+                    spent: Cost {
+                        requests: 0,
+                        tokens: 0,
+                    },
+                });
             }
         }
         let State { degraded, gate, .. } = state;
-        match degraded {
-            Some((bucket, _)) => take_from(bucket, gate, probe, cost, keep, now),
-            None => Go::Hold,
+        let Some(degraded) = degraded else {
+            return Go::Hold;
+        };
+        let go = take_from(&mut degraded.share, gate, probe, cost, keep, now);
+        if matches!(go, Go::Now(..)) {
+            degraded.spend(cost, false);
         }
+        go
     }
 
     /// Takes `again` for a refused request to be sent once more: after the pause, and
     /// before anything new (it ignores the reserve and the burst proof; limits that shrank
     /// below it do not strand it mid-replay).
     pub(crate) async fn take_again(&self, again: Cost, now: Instant) -> Again {
-        let (shared, probe, specs, in_hand, version) = {
+        let (shared, probe, specs, in_hand, version, owed) = {
             let mut state = self.lock();
             let probe = match state.gate.check(true, now) {
                 Pass::Go(probe) => probe,
@@ -531,8 +570,16 @@ impl Budget {
             match &self.shared {
                 Some(shared) if limited && shared.store.is_up() => {
                     state.gate.claim(probe, now);
-                    let specs = state.bucket.specs();
-                    (shared, probe, specs, state.bucket.in_hand(), state.version)
+                    let owed = owed(&state);
+                    let specs = with_debt(state.bucket.specs_at(now), owed);
+                    (
+                        shared,
+                        probe,
+                        specs,
+                        state.bucket.in_hand(),
+                        state.version,
+                        owed,
+                    )
                 }
                 Some(shared) if limited => {
                     if shared.store.on_error() == OnStoreError::FailClosed {
@@ -545,8 +592,14 @@ impl Budget {
                         gate,
                         ..
                     } = &mut *state;
-                    let bucket = degraded.as_mut().map_or(bucket, |(share, _)| share);
-                    return again_from(bucket, gate, probe, again, now);
+                    let Some(degraded) = degraded else {
+                        return again_from(bucket, gate, probe, again, now);
+                    };
+                    let go = again_from(&mut degraded.share, gate, probe, again, now);
+                    if matches!(go, Again::Now(..)) {
+                        degraded.spend(again, false);
+                    }
+                    return go;
                 }
                 _ => {
                     let State { bucket, gate, .. } = &mut *state;
@@ -572,6 +625,7 @@ impl Budget {
             .await;
         if let Ok(reply) = &answer {
             self.absorb(reply, now);
+            self.recovered(reply, shared, owed);
         }
         if let Ok(Reply {
             admission: Admission::Taken { levels },
@@ -580,9 +634,7 @@ impl Budget {
         }) = &answer
         {
             claimed.probes = [None, None];
-            let mut state = self.lock();
-            state.bucket.mirror(levels, now);
-            self.recover(&mut state, shared, now);
+            self.lock().bucket.mirror(levels, now);
             return Again::Now(probe, Some(*sent));
         }
         drop(claimed);
@@ -618,7 +670,10 @@ impl Budget {
             Settle::Debt(cost) => (cost, false),
         };
         let bucket = match (&mut state.degraded, ticket.shared) {
-            (Some((bucket, _)), None) if self.shared.is_some() => bucket,
+            (Some(degraded), None) if self.shared.is_some() => {
+                degraded.spend(cost, refund);
+                &mut degraded.share
+            }
             _ => &mut state.bucket,
         };
         let nothing = cost.requests == 0 && cost.tokens == 0;
@@ -786,8 +841,8 @@ impl Budget {
     fn sharing(&self, state: &State) -> Option<Sharing> {
         let shared = self.shared.as_ref()?;
         Some(match &state.degraded {
-            Some((_, replicas)) => Sharing::Degraded {
-                replicas: *replicas,
+            Some(degraded) => Sharing::Degraded {
+                replicas: degraded.replicas,
             },
             None if !state.bucket.is_limited() => Sharing::Local,
             None if shared.store.is_up() => Sharing::Shared,
@@ -861,7 +916,7 @@ impl Budget {
         let correction = match sent {
             Some(sent) if shared => Some(Correction {
                 sent,
-                at: mark.at(),
+                at: now,
                 remaining: remaining(&views),
             }),
             _ => None,
@@ -1037,6 +1092,42 @@ impl Budget {
     #[cfg(test)]
     pub(crate) fn prove_burst(&self) {
         self.lock().bucket.burst_proven();
+    }
+}
+
+/// What a degraded replica spent from its share, to be charged to the shared bucket when the
+/// store answers again: all of it, up to one minute's worth of each limit (spending older than
+/// that has refilled). Exact for the outages of seconds the breaker is for, conservative for
+/// a long one.
+fn owed(state: &State) -> Cost {
+    let Some(degraded) = &state.degraded else {
+        return Cost::default();
+    };
+    let cap = |limit: Option<u64>, spent: u64| limit.map_or(0, |limit| spent.min(limit));
+    Cost {
+        requests: cap(state.limits.rpm, degraded.spent.requests),
+        tokens: cap(state.limits.tpm, degraded.spent.tokens),
+    }
+}
+
+/// `specs` with `owed` charged to each limit of its resource by the admission.
+fn with_debt(mut specs: Vec<MeterSpec>, owed: Cost) -> Vec<MeterSpec> {
+    for spec in &mut specs {
+        spec.debt = owed.of(spec.resource);
+    }
+    specs
+}
+
+impl Degraded {
+    /// Counts `cost` taken from the share (given back, when `refund`).
+    fn spend(&mut self, cost: Cost, refund: bool) {
+        if refund {
+            self.spent.requests = self.spent.requests.saturating_sub(cost.requests);
+            self.spent.tokens = self.spent.tokens.saturating_sub(cost.tokens);
+        } else {
+            self.spent.requests += cost.requests;
+            self.spent.tokens += cost.tokens;
+        }
     }
 }
 

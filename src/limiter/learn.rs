@@ -30,13 +30,6 @@ pub struct Mark {
     seq: u64,
 }
 
-impl Mark {
-    /// When the request was sent.
-    pub(super) fn at(&self) -> Instant {
-        self.at
-    }
-}
-
 /// One send upstream, and what the upstream had left when it admitted it (per resource: the
 /// `remaining` of its response's headers), once known.
 #[derive(Clone, Copy, Debug)]

@@ -95,9 +95,11 @@ pub(crate) struct Sent {
 /// ([`Store::settle`]).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Correction {
-    /// The counters when the request was admitted (this admission included).
+    /// The counters when the request was admitted (this admission included): what had been
+    /// sent when the headers came is never less.
     pub sent: Sent,
-    /// When it was sent upstream: the refill since then is allowed for.
+    /// When the headers came: what was sent before is taken as seen by the upstream, and
+    /// the refill since is allowed for.
     pub at: Instant,
     /// What the upstream had left, per resource and window.
     pub remaining: Vec<(Resource, Duration, f64)>,
@@ -458,7 +460,9 @@ impl Store {
                 .arg(meter.capacity)
                 .arg(meter.window.as_secs_f64())
                 .arg(meter.burst)
-                .arg(u8::from(meter.unproven));
+                .arg(u8::from(meter.unproven))
+                .arg(meter.level)
+                .arg(meter.debt);
         }
         let reply: Vec<Value> = self.call(&invocation, false).await?;
         let number = |index: usize| reply.get(index).and_then(float).ok_or(StoreError::Reply);
@@ -843,6 +847,8 @@ mod tests {
             capacity: limit,
             burst: limit,
             unproven: false,
+            level: limit,
+            debt: 0.0,
         }]
     }
 
@@ -947,6 +953,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_correction_never_subtracts_what_was_sent_before_the_headers_came() {
+        let redis = Redis::start();
+        let store = redis.store();
+        let keys = store.bucket_keys("acme", "gpt-4o");
+        let rpm = vec![MeterSpec {
+            resource: Resource::Requests,
+            window: MINUTE,
+            capacity: 60.0,
+            burst: 60.0,
+            unproven: false,
+            level: 60.0,
+            debt: 0.0,
+        }];
+        let one = Cost {
+            requests: 1,
+            tokens: 0,
+        };
+        let admit = || store.admit(&keys.bucket, one, 0.0, 0.0, Mode::New, 0, &rpm);
+        let first = admit().await.expect("admitted").sent;
+        // Nine more, from any replica, overtake the first on the way: the upstream counted all
+        // ten when it answered the first, with 50 left.
+        for _ in 0..9 {
+            admit().await.expect("admitted");
+        }
+        let correction = Correction {
+            sent: first,
+            at: Instant::now(),
+            remaining: vec![(Resource::Requests, MINUTE, 50.0)],
+        };
+        let nothing = Cost::default();
+        assert!(store
+            .settle(&keys, 1, &rpm, nothing, true, Some(&correction))
+            .await
+            .expect("settled"));
+        let after = level(admit().await.expect("admitted"));
+        // 50, less the admission just made: the nine were not subtracted a second time.
+        assert!((48.5..50.0).contains(&after), "{after}");
+        // Someone else spent 30 more: the next answer shows it, and every replica holds back.
+        let correction = Correction {
+            sent: first,
+            at: Instant::now(),
+            remaining: vec![(Resource::Requests, MINUTE, 19.0)],
+        };
+        store
+            .settle(&keys, 2, &rpm, nothing, true, Some(&correction))
+            .await
+            .expect("settled");
+        let after = level(admit().await.expect("admitted"));
+        assert!((17.5..19.0).contains(&after), "{after}");
+    }
+
+    #[tokio::test]
     async fn a_pause_holds_for_every_caller_and_a_longer_one_stands() {
         let redis = Redis::start();
         let store = redis.store();
@@ -991,6 +1049,8 @@ mod tests {
                 capacity: 240.0,
                 burst,
                 unproven: false,
+                level: burst,
+                debt: 0.0,
             }]
         };
         let one = Cost {

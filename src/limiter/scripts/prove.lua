@@ -7,6 +7,8 @@ while i + 1 <= #ARGV do
   redis.call('HSET', key, 'pv:' .. ARGV[i], ARGV[i + 1])
   i = i + 2
 end
+-- The proof in flight is answered: the next one may go.
+redis.call('HDEL', key, 'pc')
 if redis.call('PTTL', key) < tonumber(ARGV[1]) then
   redis.call('PEXPIRE', key, ARGV[1])
 end

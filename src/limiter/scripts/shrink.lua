@@ -20,6 +20,8 @@ while i + 1 <= #ARGV do
     tostring(now + tonumber(ARGV[2])), 'l:' .. name, tostring(math.min(level, 0)))
   i = i + 2
 end
+-- The proof in flight is answered: the next one may go.
+redis.call('HDEL', key, 'pc')
 if redis.call('PTTL', key) < tonumber(ARGV[1]) then
   redis.call('PEXPIRE', key, ARGV[1])
 end
