@@ -48,7 +48,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASE = ROOT / "target" / "release"
+# The binaries under test; SLUICE_RELEASE_DIR runs another build (an older commit's, side by side).
+RELEASE = Path(os.environ.get("SLUICE_RELEASE_DIR") or ROOT / "target" / "release")
 LISTENING = re.compile(r"listening on http://([0-9.]+:\d+)")
 
 

@@ -578,12 +578,13 @@ async fn redis_killed_mid_burst_loses_nothing_sends_nothing_twice_and_comes_back
     assert!(refused.is_empty(), "{refused:?}");
     let stats = mock.stats();
     // The degraded shares started from what was left (nothing), not from a full share each,
-    // and the restarted store started the bucket from the level the replicas knew, not from a
-    // full bucket: the requests still waiting went at the refill, and the upstream, whose
-    // budget was spent, refused none.
-    assert_eq!(stats.rate_limited, 0, "{:?}", stats.status_counts);
-    // Nothing sent twice: the upstream saw each request once.
-    assert_eq!(stats.requests, 4 + 126, "{stats:?}");
+    // and the shared bucket came back holding what the replicas spent meanwhile: the requests
+    // still waiting went at the refill, and the upstream, whose budget was spent, refused at
+    // most one or two of them around the recovery (replayed: all 126 succeeded). With full
+    // shares, or without the degraded spend charged back, it refuses several.
+    assert!(stats.rate_limited <= 2, "{:?}", stats.status_counts);
+    // Nothing sent twice: the upstream saw each request once, and each it refused once more.
+    assert_eq!(stats.requests, 4 + 126 + stats.rate_limited, "{stats:?}");
     // Both came back on their own.
     shows(&a, "sluice_shared_store_up 1", Duration::from_secs(10)).await;
     shows(&b, "sluice_shared_store_up 1", Duration::from_secs(10)).await;

@@ -342,6 +342,20 @@ impl Bucket {
         self.specs()
     }
 
+    /// The level of `resource`'s limit over `window` now, if it has one.
+    pub(crate) fn level_of(
+        &mut self,
+        resource: Resource,
+        window: Duration,
+        now: Instant,
+    ) -> Option<f64> {
+        self.refill(now);
+        self.meters
+            .iter()
+            .find(|meter| meter.resource == resource && meter.window == window)
+            .map(|meter| meter.level)
+    }
+
     /// The levels now, in the order of [`Bucket::specs`].
     pub(crate) fn levels(&mut self, now: Instant) -> Vec<f64> {
         self.refill(now);
@@ -354,6 +368,20 @@ impl Bucket {
         self.refill(now);
         for (meter, level) in self.meters.iter_mut().zip(levels) {
             meter.level = level.clamp(-meter.capacity, meter.burst);
+        }
+    }
+
+    /// [`Bucket::mirror`], unless the limits changed since `specs` were taken (learned or
+    /// reloaded during the round trip): the levels would land on the wrong limits then.
+    pub(crate) fn mirror_if_same(&mut self, specs: &[MeterSpec], levels: &[f64], now: Instant) {
+        let same = specs.len() == self.meters.len()
+            && specs.iter().zip(&self.meters).all(|(spec, meter)| {
+                spec.resource == meter.resource
+                    && spec.window == meter.window
+                    && spec.capacity == meter.capacity
+            });
+        if same {
+            self.mirror(levels, now);
         }
     }
 

@@ -41,6 +41,9 @@ use crate::config::OnStoreError;
 /// How soon a replay asks again when the shared store failed it.
 const STORE_RETRY: Duration = Duration::from_millis(100);
 
+/// A replica sends the store at most one level correction per bucket this often.
+const CORRECTION_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long a settle that failed is tried again (its marker outlives it: see the store).
 const SETTLE_PATIENCE: Duration = Duration::from_secs(10);
 /// How often within it (the breaker stays open 0.5 s at first).
@@ -163,6 +166,8 @@ struct State {
     version: u64,
     /// The store was asked for learned limits while this bucket was learning its own.
     asked: bool,
+    /// When this replica last sent the store a level correction (see [`Budget::observe`]).
+    corrected_at: Option<Instant>,
 }
 
 /// A replica's share of a bucket while the shared store is out of reach.
@@ -170,8 +175,10 @@ struct Degraded {
     share: Bucket,
     /// The replicas the limits were divided by.
     replicas: usize,
-    /// What this replica spent from its share (charged to the shared bucket on recovery).
+    /// What this replica spent from its share and has not charged to the shared bucket.
     spent: Cost,
+    /// An admission is carrying the charge to the store (see [`Budget::owe`]).
+    owing: bool,
 }
 
 /// Where a shared bucket lives in the store.
@@ -249,6 +256,7 @@ impl Budget {
                 degraded: None,
                 version: 0,
                 asked: false,
+                corrected_at: None,
             }),
         }
     }
@@ -297,7 +305,7 @@ impl Budget {
             if !shared.store.usable() {
                 return self.take_degraded(&mut state, shared, probe, cost, keep, now);
             }
-            let owed = owed(&state);
+            let owed = owe(&mut state);
             let specs = with_debt(state.bucket.specs_at(now), owed);
             // Claimed before the round trip, so no other request takes the same probe
             // meanwhile; given back if the store refuses.
@@ -317,6 +325,7 @@ impl Budget {
             budget: self,
             probes: [probe, None],
         };
+        let mut owing = Owing { budget: self, owed };
         let store = &shared.store;
         let key = &shared.keys.bucket;
         let mut answer = store
@@ -324,8 +333,8 @@ impl Budget {
             .await;
         if let Ok(reply) = &answer {
             self.absorb(reply, now);
-            if self.recovered(reply, shared, owed) {
-                specs = with_debt(specs, Cost::default());
+            if self.recovered(reply, shared, &mut owing) {
+                specs = with_debt(specs, None);
             }
         }
         if let Ok(Reply {
@@ -357,7 +366,7 @@ impl Budget {
         }) = &answer
         {
             claimed.probes = [None, None];
-            self.lock().bucket.mirror(levels, now);
+            self.lock().bucket.mirror_if_same(&specs, levels, now);
             return Go::Now(Ticket::next(Some(*sent)), going);
         }
         drop(claimed);
@@ -455,14 +464,18 @@ impl Budget {
     }
 
     /// The store ran an admission: a replica that was degraded is not any more, and the
-    /// admission charged the shared bucket `owed`, what it spent from its share meanwhile
-    /// (see [`owed`]; the other replicas spent theirs from the same upstream budget), in the
-    /// same round trip, so no request admitted right after the recovery finds budget that
-    /// was spent. Returns whether it did (not for a paused bucket: the script stopped there).
-    fn recovered(&self, reply: &Reply, shared: &Shared, owed: Cost) -> bool {
+    /// admission that carried `owing` (see [`owe`]) charged the shared bucket what this
+    /// replica spent from its share meanwhile (the other replicas spent theirs from the same
+    /// upstream budget), in the same round trip, so no request admitted right after the
+    /// recovery finds budget that was spent. Returns whether the charge was taken (not for a
+    /// paused bucket: the script stopped before it).
+    fn recovered(&self, reply: &Reply, shared: &Shared, owing: &mut Owing<'_>) -> bool {
         if matches!(reply.admission, Admission::Paused(_)) {
             return false;
         }
+        let Some(owed) = owing.owed.take() else {
+            return false;
+        };
         let mut state = self.lock();
         let Some(degraded) = state.degraded.take() else {
             return true;
@@ -475,10 +488,7 @@ impl Budget {
             "shared store back: charged the shared bucket what this replica spent meanwhile"
         );
         // Spent from the share while the charge was on its way: charged on its own.
-        let left = Cost {
-            requests: degraded.spent.requests.saturating_sub(owed.requests),
-            tokens: degraded.spent.tokens.saturating_sub(owed.tokens),
-        };
+        let left = degraded.spent;
         if left.requests > 0 || left.tokens > 0 {
             let specs = state.bucket.specs();
             let id = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
@@ -502,6 +512,21 @@ impl Budget {
         if shared.store.on_error() == OnStoreError::FailClosed {
             return Go::Unavailable;
         }
+        self.ensure_share(state, shared, now);
+        let State { degraded, gate, .. } = state;
+        let Some(degraded) = degraded else {
+            return Go::Hold;
+        };
+        let go = take_from(&mut degraded.share, gate, probe, cost, keep, now);
+        if matches!(go, Go::Now(..)) {
+            degraded.spend(cost, false);
+        }
+        go
+    }
+
+    /// This replica's share of the bucket while the store is out of reach, set up on first
+    /// use (and re-divided when the replicas seen alive change).
+    fn ensure_share(&self, state: &mut State, shared: &Shared, now: Instant) {
         let replicas = shared.store.replicas();
         let limits = state.limits.share(replicas);
         match &mut state.degraded {
@@ -537,22 +562,11 @@ impl Budget {
                 state.degraded = Some(Degraded {
                     share: bucket,
                     replicas,
-                    spent: Cost {
-                        requests: 0,
-                        tokens: 0,
-                    },
+                    spent: Cost::default(),
+                    owing: false,
                 });
             }
         }
-        let State { degraded, gate, .. } = state;
-        let Some(degraded) = degraded else {
-            return Go::Hold;
-        };
-        let go = take_from(&mut degraded.share, gate, probe, cost, keep, now);
-        if matches!(go, Go::Now(..)) {
-            degraded.spend(cost, false);
-        }
-        go
     }
 
     /// Takes `again` for a refused request to be sent once more: after the pause, and
@@ -570,7 +584,7 @@ impl Budget {
             match &self.shared {
                 Some(shared) if limited && shared.store.is_up() => {
                     state.gate.claim(probe, now);
-                    let owed = owed(&state);
+                    let owed = owe(&mut state);
                     let specs = with_debt(state.bucket.specs_at(now), owed);
                     (
                         shared,
@@ -586,6 +600,7 @@ impl Budget {
                         // Holding its reservation, the replay waits for the store instead.
                         return Again::At(now + STORE_RETRY);
                     }
+                    self.ensure_share(&mut state, shared, now);
                     let State {
                         degraded,
                         bucket,
@@ -611,6 +626,7 @@ impl Budget {
             budget: self,
             probes: [probe, None],
         };
+        let mut owing = Owing { budget: self, owed };
         let answer = shared
             .store
             .admit(
@@ -625,7 +641,7 @@ impl Budget {
             .await;
         if let Ok(reply) = &answer {
             self.absorb(reply, now);
-            self.recovered(reply, shared, owed);
+            self.recovered(reply, shared, &mut owing);
         }
         if let Ok(Reply {
             admission: Admission::Taken { levels },
@@ -634,7 +650,7 @@ impl Budget {
         }) = &answer
         {
             claimed.probes = [None, None];
-            self.lock().bucket.mirror(levels, now);
+            self.lock().bucket.mirror_if_same(&specs, levels, now);
             return Again::Now(probe, Some(*sent));
         }
         drop(claimed);
@@ -669,6 +685,7 @@ impl Budget {
             Settle::Refund(cost) => (cost, true),
             Settle::Debt(cost) => (cost, false),
         };
+        let degraded = state.degraded.is_some();
         let bucket = match (&mut state.degraded, ticket.shared) {
             (Some(degraded), None) if self.shared.is_some() => {
                 degraded.spend(cost, refund);
@@ -685,6 +702,13 @@ impl Budget {
         tracing::trace!(ticket = ticket.id, ?cost, refund, "settled");
         let specs = match (&self.shared, ticket.shared) {
             (Some(_), Some(_)) if !(nothing && correction.is_none()) => state.bucket.specs(),
+            // Admitted from the share while the store was out of reach, settled after it came
+            // back (the charge for the share went with the recovery): usage beyond the
+            // estimate is real spending every replica must know of. A refund is dropped, the
+            // conservative side.
+            (Some(_), None) if !refund && !nothing && !degraded && state.bucket.is_limited() => {
+                state.bucket.specs()
+            }
             _ => return refund,
         };
         drop(state);
@@ -913,12 +937,28 @@ impl Budget {
         } = &mut *state;
         // A shared bucket's local levels mirror the store's: only its burst is corrected here.
         learned.correct(mark, &views, bucket, !shared, now);
+        // A header showing less than this replica last saw in the store goes at once;
+        // otherwise one correction per CORRECTION_INTERVAL is enough (the next headers carry
+        // the same news), and keeps settlement off most requests' path.
+        let remaining = remaining(&views);
+        let lower = remaining.iter().any(|(resource, window, left)| {
+            bucket
+                .level_of(*resource, *window, now)
+                .is_some_and(|level| *left + 1.0 < level)
+        });
+        let due = lower
+            || state
+                .corrected_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= CORRECTION_INTERVAL);
         let correction = match sent {
-            Some(sent) if shared => Some(Correction {
-                sent,
-                at: now,
-                remaining: remaining(&views),
-            }),
+            Some(sent) if shared && due && !remaining.is_empty() => {
+                state.corrected_at = Some(now);
+                Some(Correction {
+                    sent,
+                    at: now,
+                    remaining,
+                })
+            }
             _ => None,
         };
         (changed, correction)
@@ -931,6 +971,11 @@ impl Budget {
         state.gate.answered();
         if let Some(probe) = probe {
             state.gate.finish_probe(probe, ProbeOutcome::Answered);
+            if probe == Probe::Burst && state.bucket.is_proven() {
+                // Proven already (by this replica's earlier proof): nothing to publish, but
+                // the claim on the proof ends.
+                self.release_proof(&state);
+            }
             if probe == Probe::Burst && !state.bucket.is_proven() {
                 state.bucket.burst_proven();
                 let specs = self.shared.as_ref().map(|_| state.bucket.specs());
@@ -973,9 +1018,21 @@ impl Budget {
 
     /// A probe ended without an answer (cancelled, failed to connect).
     pub(crate) fn abandon_probe(&self, probe: Probe) {
-        self.lock()
-            .gate
-            .finish_probe(probe, ProbeOutcome::Abandoned);
+        let mut state = self.lock();
+        state.gate.finish_probe(probe, ProbeOutcome::Abandoned);
+        if probe == Probe::Burst {
+            self.release_proof(&state);
+        }
+    }
+
+    /// Ends this replica's claim on the shared bucket's burst proof (see
+    /// `scripts/release.lua`), off the request's path.
+    fn release_proof(&self, state: &State) {
+        let specs = self.shared.as_ref().map(|_| state.bucket.specs());
+        self.spawn_on_store(
+            specs,
+            |store, key, _| async move { store.release(&key).await },
+        );
     }
 
     /// The upstream answered 429 for a request of this bucket: nothing is sent before
@@ -990,6 +1047,10 @@ impl Budget {
             .rate_limited(rate_limited.resume, rate_limited.reset);
         if let Some(probe) = rate_limited.probe {
             state.gate.finish_probe(probe, ProbeOutcome::RateLimited);
+            if probe == Probe::Burst && !matches!(rate_limited.evidence, Evidence::Burst(_)) {
+                // Refused for another reason than the burst (shrink.lua ends the claim then).
+                self.release_proof(&state);
+            }
         }
         match rate_limited.evidence {
             Evidence::Burst(resource) => {
@@ -1095,27 +1156,57 @@ impl Budget {
     }
 }
 
-/// What a degraded replica spent from its share, to be charged to the shared bucket when the
-/// store answers again: all of it, up to one minute's worth of each limit (spending older than
-/// that has refilled). Exact for the outages of seconds the breaker is for, conservative for
-/// a long one.
-fn owed(state: &State) -> Cost {
-    let Some(degraded) = &state.degraded else {
-        return Cost::default();
-    };
-    let cap = |limit: Option<u64>, spent: u64| limit.map_or(0, |limit| spent.min(limit));
-    Cost {
-        requests: cap(state.limits.rpm, degraded.spent.requests),
-        tokens: cap(state.limits.tpm, degraded.spent.tokens),
+/// What a degraded replica spent from its share, to be charged to the shared bucket by the
+/// admission about to ask the store, which carries it (`None`: nothing degraded, or another
+/// admission carries it now). All of it, up to one minute's worth of each limit (spending
+/// older than that has refilled): exact for the outages of seconds the breaker is for,
+/// conservative for a long one.
+fn owe(state: &mut State) -> Option<Cost> {
+    let limits = state.limits;
+    let degraded = state.degraded.as_mut()?;
+    if degraded.owing {
+        return None;
     }
+    degraded.owing = true;
+    let cap = |limit: Option<u64>, spent: u64| limit.map_or(0, |limit| spent.min(limit));
+    let owed = Cost {
+        requests: cap(limits.rpm, degraded.spent.requests),
+        tokens: cap(limits.tpm, degraded.spent.tokens),
+    };
+    // Beyond the cap it has refilled: not owed at all.
+    degraded.spent = Cost::default();
+    Some(owed)
 }
 
 /// `specs` with `owed` charged to each limit of its resource by the admission.
-fn with_debt(mut specs: Vec<MeterSpec>, owed: Cost) -> Vec<MeterSpec> {
+fn with_debt(mut specs: Vec<MeterSpec>, owed: Option<Cost>) -> Vec<MeterSpec> {
+    let owed = owed.unwrap_or_default();
     for spec in &mut specs {
         spec.debt = owed.of(spec.resource);
     }
     specs
+}
+
+/// The charge a degraded replica's admission carries to the store ([`owe`]): given back to
+/// the degraded share unless the store took it, however the round trip ends, also when its
+/// future is dropped midway (it is carried by a later admission then). A reply lost after the
+/// script ran charges it twice: the conservative side.
+struct Owing<'a> {
+    budget: &'a Budget,
+    owed: Option<Cost>,
+}
+
+impl Drop for Owing<'_> {
+    fn drop(&mut self) {
+        let Some(owed) = self.owed.take() else {
+            return;
+        };
+        let mut state = self.budget.lock();
+        if let Some(degraded) = &mut state.degraded {
+            degraded.spend(owed, false);
+            degraded.owing = false;
+        }
+    }
 }
 
 impl Degraded {

@@ -251,6 +251,7 @@ pub(crate) struct Store {
     shrink: Script,
     learn: Script,
     learned: Script,
+    release: Script,
     quota: Script,
     heartbeat: Script,
     breaker: Mutex<Breaker>,
@@ -288,6 +289,7 @@ impl Store {
             shrink: Script::new(include_str!("scripts/shrink.lua")),
             learn: Script::new(include_str!("scripts/learn.lua")),
             learned: Script::new(include_str!("scripts/learned.lua")),
+            release: Script::new(include_str!("scripts/release.lua")),
             quota: Script::new(include_str!("scripts/quota.lua")),
             heartbeat: Script::new(include_str!("scripts/heartbeat.lua")),
             breaker: Mutex::new(Breaker::default()),
@@ -606,6 +608,14 @@ impl Store {
         for meter in meters {
             invocation.arg(meter.name()).arg(meter.burst);
         }
+        let _: i64 = self.call(&invocation, false).await?;
+        Ok(())
+    }
+
+    /// Ends this replica's claim on the burst proof of the bucket at `key` when its proof
+    /// proved nothing, so the next proof (any replica's) need not wait for the claim to lapse.
+    pub(crate) async fn release(&self, key: &str) -> Result<(), StoreError> {
+        let invocation = self.release.key(key);
         let _: i64 = self.call(&invocation, false).await?;
         Ok(())
     }
@@ -1002,6 +1012,57 @@ mod tests {
             .expect("settled");
         let after = level(admit().await.expect("admitted"));
         assert!((17.5..19.0).contains(&after), "{after}");
+    }
+
+    #[tokio::test]
+    async fn a_bucket_the_store_lost_starts_from_the_level_its_caller_knew() {
+        let redis = Redis::start();
+        let store = redis.store();
+        let keys = store.bucket_keys("acme", "gpt-4o");
+        let mut meters = tpm(6000.0);
+        // The replica last saw 500 left (and owes 100 it spent while the store was away).
+        meters[0].level = 500.0;
+        meters[0].debt = 100.0;
+        let cost = Cost {
+            requests: 0,
+            tokens: 50,
+        };
+        let after = level(
+            store
+                .admit(&keys.bucket, cost, 0.0, 0.0, Mode::New, 0, &meters)
+                .await
+                .expect("admitted"),
+        );
+        assert!((350.0..352.0).contains(&after), "{after}");
+        // Once the bucket exists the hint is not used (and a debt of 0 takes nothing).
+        meters[0].level = 6000.0;
+        meters[0].debt = 0.0;
+        let again = level(
+            store
+                .admit(&keys.bucket, cost, 0.0, 0.0, Mode::New, 0, &meters)
+                .await
+                .expect("admitted"),
+        );
+        assert!((300.0..305.0).contains(&again), "{again}");
+        // A settle does not create a lost bucket full: it leaves it to the next admission.
+        let other = store.bucket_keys("acme", "gpt-4o-mini");
+        store
+            .settle(&other, 9, &tpm(6000.0), cost, true, None)
+            .await
+            .expect("settled");
+        meters[0].level = 10.0;
+        match store
+            .admit(&other.bucket, cost, 0.0, 0.0, Mode::New, 0, &meters)
+            .await
+            .expect("answered")
+            .admission
+        {
+            // 40 short of the 50 at 100 a second: the bucket started at the caller's 10.
+            Admission::Wait { wait, .. } => {
+                assert!(wait >= Duration::from_millis(390), "{wait:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

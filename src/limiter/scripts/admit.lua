@@ -71,7 +71,7 @@ while i + 7 <= #ARGV do
     -- A changed limit keeps what was spent.
     level = math.max(-burst, math.min(burst, level + capacity - old_capacity))
   end
-  level = math.min(burst, level + rate * elapsed) - tonumber(ARGV[i + 7])
+  level = math.max(-burst, math.min(burst, level + rate * elapsed) - tonumber(ARGV[i + 7]))
   local needed = math.min(amount, burst)
   local floor = math.min(burst * keep + rate * in_hand, burst - needed)
   local missing = needed + floor - level

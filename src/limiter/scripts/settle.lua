@@ -38,18 +38,13 @@ if correct then
     -- What had been sent when the headers came: the counters before the first tick after it
     -- that admitted anything (none: nothing was admitted since).
     local basis = {sent[1], sent[2]}
-    local first = nil
-    local slots = {}
-    for j = 1, CHECKPOINTS do
-      slots[j] = 'ck:' .. (j - 1)
-    end
-    for _, checkpoint in ipairs(redis.call('HMGET', key, unpack(slots))) do
+    for tick = came + 1, math.floor(now * CHECKPOINTS_PER_SECOND) do
+      local checkpoint = redis.call('HGET', key, 'ck:' .. (tick % CHECKPOINTS))
       if checkpoint then
-        local tick, s, st = string.match(checkpoint, '^(%d+)|([^|]*)|(.*)$')
-        tick = tonumber(tick)
-        if tick and tick > came and (first == nil or tick < first) then
-          first = tick
+        local stored, s, st = string.match(checkpoint, '^(%d+)|([^|]*)|(.*)$')
+        if tonumber(stored) == tick then
           basis = {tonumber(s), tonumber(st)}
+          break
         end
       end
     end
@@ -67,23 +62,28 @@ while i + 6 <= #ARGV do
   local rate = capacity / tonumber(ARGV[i + 3])
   local burst = tonumber(ARGV[i + 4])
   local delta = tonumber(ARGV[i + 5])
-  local level = tonumber(redis.call('HGET', key, 'l:' .. name) or '') or burst
+  local level = tonumber(redis.call('HGET', key, 'l:' .. name) or '')
   local old_capacity = tonumber(redis.call('HGET', key, 'c:' .. name) or '')
-  if old_capacity ~= nil and old_capacity ~= capacity then
+  if level == nil then
+    -- A bucket the store lost (restarted empty): left to the next admission, which starts
+    -- it from the level its caller knew (a settle creating it would start it full).
+  elseif old_capacity ~= nil and old_capacity ~= capacity then
     -- A changed limit keeps what was spent (as in admit.lua).
     level = math.max(-burst, math.min(burst, level + capacity - old_capacity))
   end
-  level = math.min(burst, level + rate * elapsed) - delta
-  if delta < 0 then
-    level = math.min(level, burst)
-  end
-  if correct and ARGV[i + 6] ~= '' then
-    local implied = math.min(tonumber(ARGV[i + 6]) + rate * age, burst) - unseen[resource]
-    if implied < level then
-      level = math.max(implied, -burst)
+  if level ~= nil then
+    level = math.min(burst, level + rate * elapsed) - delta
+    if delta < 0 then
+      level = math.min(level, burst)
     end
+    if correct and ARGV[i + 6] ~= '' then
+      local implied = math.min(tonumber(ARGV[i + 6]) + rate * age, burst) - unseen[resource]
+      if implied < level then
+        level = math.max(implied, -burst)
+      end
+    end
+    redis.call('HSET', key, 'l:' .. name, tostring(level), 'c:' .. name, tostring(capacity))
   end
-  redis.call('HSET', key, 'l:' .. name, tostring(level), 'c:' .. name, tostring(capacity))
   i = i + 7
 end
 redis.call('HSET', key, 'u', tostring(now))
