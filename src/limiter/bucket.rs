@@ -342,18 +342,18 @@ impl Bucket {
         self.specs()
     }
 
-    /// The level of `resource`'s limit over `window` now, if it has one.
-    pub(crate) fn level_of(
+    /// The level and the capacity of `resource`'s limit over `window` now, if it has one.
+    pub(crate) fn level_and_capacity(
         &mut self,
         resource: Resource,
         window: Duration,
         now: Instant,
-    ) -> Option<f64> {
+    ) -> Option<(f64, f64)> {
         self.refill(now);
         self.meters
             .iter()
             .find(|meter| meter.resource == resource && meter.window == window)
-            .map(|meter| meter.level)
+            .map(|meter| (meter.level, meter.capacity))
     }
 
     /// The levels now, in the order of [`Bucket::specs`].

@@ -937,14 +937,15 @@ impl Budget {
         } = &mut *state;
         // A shared bucket's local levels mirror the store's: only its burst is corrected here.
         learned.correct(mark, &views, bucket, !shared, now);
-        // A header showing less than this replica last saw in the store goes at once;
-        // otherwise one correction per CORRECTION_INTERVAL is enough (the next headers carry
-        // the same news), and keeps settlement off most requests' path.
+        // A header showing clearly less than this replica last saw in the store (by more than
+        // what is usually in flight: a twentieth of the limit) goes at once; otherwise one
+        // correction per CORRECTION_INTERVAL is enough (the next headers carry the same
+        // news), and keeps settlement off most requests' path.
         let remaining = remaining(&views);
         let lower = remaining.iter().any(|(resource, window, left)| {
             bucket
-                .level_of(*resource, *window, now)
-                .is_some_and(|level| *left + 1.0 < level)
+                .level_and_capacity(*resource, *window, now)
+                .is_some_and(|(level, capacity)| *left + (capacity / 20.0).max(1.0) < level)
         });
         let due = lower
             || state
