@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
-use crate::limiter::store::Store;
+use crate::limiter::store::{HeardQuota, Store};
 
 /// The upstream's answer that put an org in cool-down, replayed to its next requests.
 #[derive(Clone, Debug)]
@@ -97,17 +97,17 @@ impl Exhausted {
         self.any.store(true, Ordering::Relaxed);
     }
 
-    /// Another replica put `org` in cool-down, `left` to go, after the upstream answered it
-    /// `status` with `body`. A longer cool-down already here stands.
-    pub(crate) fn heard(
-        &self,
-        org: &str,
-        status: StatusCode,
-        body: Bytes,
-        left: Duration,
-        now: Instant,
-    ) {
-        let until = now + left;
+    /// Another replica put an org in cool-down (see [`HeardQuota`]). A longer cool-down
+    /// already here stands.
+    pub(crate) fn heard(&self, heard: HeardQuota) {
+        let HeardQuota {
+            org,
+            status,
+            body,
+            until,
+        } = heard;
+        let org = org.as_str();
+        let left = until.saturating_duration_since(Instant::now());
         let mut orgs = self.lock();
         // This replica's own cool-down comes back from the store too, a moment later.
         if orgs

@@ -104,7 +104,14 @@ impl AppState {
         };
         let exhausted = Arc::new(Exhausted::new(store.clone()));
         if let Some(store) = &store {
-            store.start(&exhausted);
+            let exhausted = Arc::downgrade(&exhausted);
+            store.start(move |heard| {
+                let Some(exhausted) = exhausted.upgrade() else {
+                    return false;
+                };
+                exhausted.heard(heard);
+                true
+            });
         }
         Ok(Self {
             upstream,

@@ -34,7 +34,7 @@ use crate::upstream::ratelimit::{RateLimitHeaders, Reason};
 
 use super::bounds::QueueBounds;
 use super::learn::{remaining, views, warn_if_above_upstream, Learned, Mark};
-use super::status::{BucketStatus, Last429, LastHeaders};
+use super::status::{BucketStatus, Last429, LastHeaders, Sharing};
 use super::store::{Admission, BucketKeys, Correction, Mode, Reply, Sent, Store, StoreError};
 use crate::config::OnStoreError;
 
@@ -185,31 +185,6 @@ struct Degraded {
 struct Shared {
     store: Arc<Store>,
     keys: BucketKeys,
-}
-
-/// Whether a bucket's budget is shared, as the status view tells.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Sharing {
-    /// Spent through the shared store, with every replica.
-    Shared,
-    /// The store is out of reach: spent from this replica's share of the limits (1/replicas).
-    Degraded { replicas: usize },
-    /// Not shared: nothing to share yet (no limit known).
-    Local,
-    /// The store is out of reach and metered requests are refused meanwhile
-    /// (`shared.on_store_error = "fail_closed"`).
-    Refusing,
-}
-
-impl Sharing {
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Self::Shared => "shared",
-            Self::Degraded { .. } => "degraded",
-            Self::Local => "local",
-            Self::Refusing => "refusing",
-        }
-    }
 }
 
 /// One bucket's budget: in this process's memory, or, with a shared store, its levels and

@@ -17,11 +17,35 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::limiter::bucket::Limits;
-use crate::limiter::budget::Sharing;
 use crate::limiter::gate::Circuit;
 use crate::priority::ByPriority;
 use crate::resource::PerResource;
 use crate::upstream::ratelimit::{Family, RateLimitHeaders, Reason};
+
+/// Whether a bucket's budget is shared, as the status view tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sharing {
+    /// Spent through the shared store, with every replica.
+    Shared,
+    /// The store is out of reach: spent from this replica's share of the limits (1/replicas).
+    Degraded { replicas: usize },
+    /// Not shared: nothing to share yet (no limit known).
+    Local,
+    /// The store is out of reach and metered requests are refused meanwhile
+    /// (`shared.on_store_error = "fail_closed"`).
+    Refusing,
+}
+
+impl Sharing {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Degraded { .. } => "degraded",
+            Self::Local => "local",
+            Self::Refusing => "refusing",
+        }
+    }
+}
 
 /// A bucket as the status view and metrics show it, at one instant.
 #[derive(Clone, Debug)]

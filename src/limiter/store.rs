@@ -46,7 +46,6 @@ use tokio::time::Instant;
 use crate::config::{OnStoreError, SharedConfig};
 use crate::limiter::bucket::{Cost, Limits, MeterSpec, Resource, DAY, MINUTE};
 use crate::limiter::status::SharedStoreReport;
-use crate::quota::Exhausted;
 
 /// How often a replica says it is alive (and probes an open breaker).
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -115,6 +114,17 @@ pub(crate) struct Reply {
     pub version: u64,
     /// The learned limits, when the store's version is newer than the caller's.
     pub learned: Option<Limits>,
+}
+
+/// An org another replica found out of quota, as the heartbeat hears of it.
+#[derive(Clone, Debug)]
+pub(crate) struct HeardQuota {
+    pub org: String,
+    /// The upstream's answer, replayed to the org's requests meanwhile.
+    pub status: http::StatusCode,
+    pub body: bytes::Bytes,
+    /// When the cool-down ends.
+    pub until: Instant,
 }
 
 /// A bucket's keys in the store.
@@ -301,20 +311,24 @@ impl Store {
     }
 
     /// Starts the heartbeat, which also probes an open breaker and hears of the orgs other
-    /// replicas found out of quota (put in `exhausted`). It ends with the store.
-    pub(crate) fn start(self: &Arc<Self>, exhausted: &Arc<Exhausted>) {
+    /// replicas found out of quota (handed to `heard`, which says `false` once nobody
+    /// listens any more). It ends with the store.
+    pub(crate) fn start<F>(self: &Arc<Self>, heard: F)
+    where
+        F: Fn(HeardQuota) -> bool + Send + Sync + 'static,
+    {
         let weak: Weak<Self> = Arc::downgrade(self);
-        let exhausted = Arc::downgrade(exhausted);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(store) = weak.upgrade() else { return };
-                let Some(exhausted) = exhausted.upgrade() else {
-                    return;
-                };
-                store.beat(&exhausted).await;
+                for quota in store.beat().await {
+                    if !heard(quota) {
+                        return;
+                    }
+                }
             }
         });
     }
@@ -324,7 +338,9 @@ impl Store {
         format!("{}{{sluice}}:{name}", self.prefix)
     }
 
-    async fn beat(&self, exhausted: &Exhausted) {
+    /// One heartbeat: the orgs other replicas found out of quota come back.
+    async fn beat(&self) -> Vec<HeardQuota> {
+        let mut heard = Vec::new();
         let mut invocation = self.heartbeat.key(self.global("replicas"));
         invocation
             .key(self.global("quota"))
@@ -350,12 +366,17 @@ impl Store {
                     let Ok(status) = http::StatusCode::from_u16(status as u16) else {
                         continue;
                     };
-                    let left = Duration::from_millis(left.max(0) as u64);
-                    exhausted.heard(&org, status, body, left, now);
+                    heard.push(HeardQuota {
+                        org,
+                        status,
+                        body,
+                        until: now + Duration::from_millis(left.max(0) as u64),
+                    });
                 }
             }
             Err(err) => tracing::debug!(error = err.label(), "shared store heartbeat failed"),
         }
+        heard
     }
 
     /// Puts `org` in quota cool-down for every replica for `cooldown` (the upstream answered
